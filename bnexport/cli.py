@@ -1,0 +1,172 @@
+"""Command line: parse arguments, call the library, print a table, return an exit code.
+
+Exit codes: 0 success; 1 a check failed (parity); 2 bad input (one line on stderr).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import DEFAULT_ATOL, DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, Tolerance, TrainConfig
+from .data import DATASETS
+from .errors import BnexportError
+
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse that reports a bad flag in one line, with exit status 2."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text}")
+    return value
+
+
+def shape_triple(text: str) -> tuple[int, int, int]:
+    try:
+        parts = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3 or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"must be C,H,W with three positive integers, got {text!r}")
+    return parts  # type: ignore[return-value]
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", choices=DATASETS, default=defaults.dataset,
+                       help="bundled: 5,000 real MNIST digits shipped with bnexport (default, offline); "
+                            "mnist, fashion-mnist, cifar10: torchvision datasets under --data-root; "
+                            "synthetic: generated, any shape")
+    group.add_argument("--data-root", default=defaults.data_root, help="folder of torchvision datasets (default: %(default)s)")
+    group.add_argument("--download", action="store_true", help="allow downloading a torchvision dataset (network access)")
+    group.add_argument("--synthetic-shape", type=shape_triple, default=defaults.synthetic_shape, metavar="C,H,W",
+                       help="image shape of --dataset synthetic (default: 1,28,28)")
+    group = parser.add_argument_group("training")
+    group.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="total epochs (default: %(default)s)")
+    group.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="default: %(default)s")
+    group.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam learning rate (default: %(default)s)")
+    group.add_argument("--schedule", choices=("cosine", "constant"), default=defaults.schedule,
+                       help="learning-rate schedule over the run (default: %(default)s)")
+    group.add_argument("--shift", type=int, default=defaults.shift, metavar="PIXELS",
+                       help="random-shift augmentation of up to PIXELS; 0 turns it off (default: %(default)s)")
+    group.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed for weights, shuffling and parity input (default: %(default)s)")
+    group.add_argument("--no-bn", action="store_true", help="train SimpleCNN without BatchNorm, for comparison")
+    group.add_argument("--max-steps", type=positive_int, default=None, help="cap on steps per epoch, for smoke runs")
+    group.add_argument("--resume", type=Path, default=None, metavar="CHECKPOINT",
+                       help="continue from a bnexport checkpoint up to --epochs")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="output folder (default: %(default)s)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_tolerance_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--atol", type=non_negative_float, default=DEFAULT_ATOL, help="absolute tolerance (default: %(default)g)")
+    parser.add_argument("--rtol", type=non_negative_float, default=DEFAULT_RTOL,
+                        help="tolerance relative to max|reference| (default: %(default)g)")
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        dataset=args.dataset, data_root=args.data_root, download=args.download, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, shift=args.shift, seed=args.seed, batch_norm=not args.no_bn,
+        max_steps=args.max_steps, synthetic_shape=args.synthetic_shape,
+    )
+
+
+# Handlers: one per subcommand, each returns an exit code -----------------------------------
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train SimpleCNN and write checkpoint.pt, history.json and summary.json."""
+    from .artifacts import prepare_out_dir
+    from .pipeline import train_only
+
+    out = prepare_out_dir(args.out)
+    summary = train_only(config_from_args(args), out, resume=args.resume, progress=not args.quiet)
+    print(summary.table())
+    print(f"artifacts in {out}/")
+    return EXIT_OK
+
+
+def cmd_train_and_export(args: argparse.Namespace) -> int:
+    """Train SimpleCNN, export TorchScript, torch.export and ONNX (BatchNorm kept and folded), check parity."""
+    from .artifacts import prepare_out_dir
+    from .pipeline import train_and_export
+
+    out = prepare_out_dir(args.out)
+    summary, parity = train_and_export(config_from_args(args), out, resume=args.resume, progress=not args.quiet,
+                                       tolerance=Tolerance(args.atol, args.rtol))
+    print(parity.table())
+    print()
+    print(summary.table())
+    print(f"artifacts in {out}/ (manifest.json lists them)")
+    return EXIT_OK if parity.passed else EXIT_CHECK_FAILED
+
+
+COMMANDS = {
+    "train": (cmd_train, [add_training_arguments]),
+    "train-and-export": (cmd_train_and_export, [add_training_arguments, add_tolerance_arguments]),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = ArgumentParser(prog="bnexport", description="Train a BatchNorm CNN, fold BatchNorm, export it and prove parity.")
+    parser.add_argument("--version", action="version", version=f"bnexport {__version__}")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=ArgumentParser)
+    for name, (handler, adders) in COMMANDS.items():
+        doc = (handler.__doc__ or "").strip()
+        sub = subparsers.add_parser(name, help=doc.splitlines()[0], description=doc)
+        for add in adders:
+            add(sub)
+        sub.set_defaults(handler=handler)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args)
+    except BnexportError as err:
+        print(f"bnexport {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"bnexport {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+def print_json(data: object) -> None:
+    print(json.dumps(data, indent=2))

@@ -1,0 +1,98 @@
+"""The single home of bnexport's defaults: seed, tolerances, artifact names and run settings."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+DEFAULT_SEED = 0
+
+# Parity passes when max|a - ref| <= ATOL + RTOL * max|ref|. The scale term keeps the
+# check meaningful for nets whose logits are large (random weights give outputs ~1e3).
+DEFAULT_ATOL = 1e-5
+DEFAULT_RTOL = 1e-4
+
+# The seeded parity batch drawn from the test split.
+PARITY_BATCH_SIZE = 64
+
+INPUT_NAME = "images"
+OUTPUT_NAME = "logits"
+DEFAULT_OPSET = 18
+
+DEFAULT_OUT_DIR = Path("artifacts")
+
+
+@dataclass(frozen=True)
+class ArtifactNames:
+    """File names inside the output folder; one definition for the CLI, the report and the tests."""
+
+    checkpoint: str = "checkpoint.pt"
+    history: str = "history.json"
+    torchscript: str = "model.ts"
+    torchscript_folded: str = "model.folded.ts"
+    exported_program: str = "model.pt2"
+    onnx: str = "model.onnx"
+    onnx_folded: str = "model.folded.onnx"
+    parity: str = "parity.json"
+    fold_report: str = "fold.json"
+    summary: str = "summary.json"
+    manifest: str = "manifest.json"
+
+
+ARTIFACTS = ArtifactNames()
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides a training run. Saved in every checkpoint."""
+
+    dataset: str = "bundled"  # bundled | mnist | fashion-mnist | cifar10 | synthetic
+    data_root: str = "data"  # where torchvision datasets live
+    download: bool = False  # the only switch that allows network access
+    epochs: int = 5
+    batch_size: int = 64  # as in the article
+    lr: float = 3e-3  # Adam's peak learning rate; the article used 1e-3 with no schedule
+    schedule: str = "cosine"  # cosine: anneal to 0 over the run, per step | constant
+    shift: int = 2  # random translation of up to this many pixels; 0 turns augmentation off
+    seed: int = DEFAULT_SEED
+    batch_norm: bool = True  # False builds the --no-bn variant
+    max_steps: int | None = None  # cap steps per epoch; for quick tests
+    synthetic_shape: tuple[int, int, int] = (1, 28, 28)  # C, H, W of --dataset synthetic
+    synthetic_size: int = 2048
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["synthetic_shape"] = list(self.synthetic_shape)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> "TrainConfig":
+        known = {f for f in cls.__dataclass_fields__}
+        values = {k: v for k, v in data.items() if k in known}
+        if "synthetic_shape" in values:
+            values["synthetic_shape"] = tuple(values["synthetic_shape"])
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float = DEFAULT_ATOL
+    rtol: float = DEFAULT_RTOL
+
+
+DEFAULT_TOLERANCE = Tolerance()
+
+__all__ = [
+    "ARTIFACTS",
+    "DEFAULT_ATOL",
+    "DEFAULT_OPSET",
+    "DEFAULT_OUT_DIR",
+    "DEFAULT_RTOL",
+    "DEFAULT_SEED",
+    "DEFAULT_TOLERANCE",
+    "INPUT_NAME",
+    "OUTPUT_NAME",
+    "PARITY_BATCH_SIZE",
+    "TrainConfig",
+    "Tolerance",
+]

