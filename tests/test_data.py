@@ -83,3 +83,23 @@ def test_parity_batch_is_seeded_and_from_the_test_split():
     assert a.shape == (64, 1, 28, 28) and torch.equal(a, b)
     test_rows = {tuple(np.round(row.flatten().numpy(), 4)[:400:7]) for row in data.test_images}
     assert all(tuple(np.round(row.flatten().numpy(), 4)[:400:7]) in test_rows for row in a[:8])
+
+
+def write_idx(path, array: np.ndarray) -> None:
+    """MNIST's own file format: magic (dtype, ndim), big-endian sizes, then the bytes."""
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("name, folder", [("mnist", "MNIST"), ("fashion-mnist", "FashionMNIST")])
+def test_torchvision_datasets_load_as_tensors(tmp_path, name, folder):
+    raw = tmp_path / folder / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, count in [("train", 12), ("t10k", 5)]:
+        write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)))
+        write_idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (count,)))
+    data = load_dataset(name, data_root=tmp_path)
+    assert data.train_images.shape == (12, 1, 28, 28) and data.test_images.shape == (5, 1, 28, 28)
+    assert data.train_images.dtype == torch.float32 and float(data.train_images.max()) <= 1.0
+    assert data.train_labels.dtype == torch.int64
