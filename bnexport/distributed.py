@@ -148,6 +148,7 @@ class Replicas:
     epochs: list[dict] = field(default_factory=list)  # what end_epoch measured, epoch by epoch
     recalibration: dict | None = None
     fingerprints: list[str] = field(default_factory=list)  # sha256 of each rank's BN buffers at the end
+    sync_bn_layers: dict[str, str] = field(default_factory=dict)  # trained as SyncBatchNorm, exported as this class
 
     @property
     def distributed(self) -> bool:
@@ -230,6 +231,8 @@ class Replicas:
             yield model
             return
         originals = to_sync_batchnorm(model) if self.sync_bn and self.distributed else {}
+        self.sync_bn_layers = {name: f"{cls.__name__} -> {type(model.get_submodule(name)).__name__}"
+                               for name, cls in originals.items()}
         model.to(self.device)
         reseat_optimizer(optimizer)
         try:
@@ -244,6 +247,10 @@ class Replicas:
                 yield model
         finally:
             from_sync_batchnorm(model, originals)
+            for name, cls in originals.items():
+                if type(model.get_submodule(name)) is not cls:
+                    raise RuntimeError(f"{name} did not turn back into {cls.__name__}")
+                self.sync_bn_layers[name] += " -> " + cls.__name__
             model.to("cpu")
             reseat_optimizer(optimizer)
 
@@ -321,6 +328,7 @@ class Replicas:
             "backend": self.backend,
             "device": str(self.device),
             "sync_bn": self.sync_bn and self.distributed,
+            "sync_bn_layers": self.sync_bn_layers,
             "bn_statistics": "recalibrated" if self.recalibrate_bn else ("merged" if self.distributed else "local"),
             "epochs": self.epochs,
             "recalibration": self.recalibration,

@@ -22,8 +22,8 @@ from .distributed import Replicas
 from .errors import BnexportError
 from .fold import fold_module, fold_onnx
 from .model import count_batchnorm
-from .parity import (ParityReport, eager_runner, exported_program_runner, onnxruntime_runner, run_parity,
-                     torchscript_runner)
+from .parity import (ParityReport, eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
+                     run_parity, torchscript_runner)
 from .tables import format_table
 from .train import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, train
 
@@ -180,6 +180,10 @@ def check_exports(model: torch.nn.Module, out: Path, inputs: torch.Tensor, *, se
         "ORT model.folded.onnx (no graph opt)": onnxruntime_runner(out / ARTIFACTS.onnx_folded, optimize=False),
         "ORT model.folded.onnx (default opt)": onnxruntime_runner(out / ARTIFACTS.onnx_folded, optimize=True),
     }
+    for name in (ARTIFACTS.onnx, ARTIFACTS.onnx_folded):  # where onnxruntime has a working CUDA provider
+        cuda = onnxruntime_cuda_runner(out / name)
+        if cuda is not None:
+            candidates[f"ORT {name} (CUDA)"] = cuda
     report = run_parity(eager_runner(model), candidates, inputs.numpy(), reference_name="eager (BatchNorm kept)",
                         seed=seed, tolerance=tolerance)
     write_json(out / ARTIFACTS.parity, report.to_json())

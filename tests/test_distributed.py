@@ -297,3 +297,37 @@ def test_half_a_torchrun_environment_is_refused(tmp_path):
     done = subprocess.run([sys.executable, "-m", "bnexport", "train", *TINY, "--out", tmp_path / "out"], env=env,
                           capture_output=True, text=True, timeout=60, cwd=REPO)
     assert_one_line_error(CommandResult(done.returncode, done.stdout, done.stderr), "WORLD_SIZE", "torchrun")
+
+
+def test_sync_batchnorm_round_trip_keeps_parameters_and_buffers():
+    """The module surgery behind --sync-bn, checked on the CPU (training with it needs CUDA)."""
+    from bnexport.distributed import from_sync_batchnorm, to_sync_batchnorm
+    from bnexport.model import ModelSpec, build_model
+
+    model = build_model(ModelSpec(), seed=0)
+    with torch.no_grad():
+        model.bn1.running_mean.uniform_()
+    weight, running_mean = model.bn1.weight, model.bn1.running_mean
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    originals = to_sync_batchnorm(model)
+    assert originals == {"bn1": torch.nn.BatchNorm2d} and isinstance(model.bn1, torch.nn.SyncBatchNorm)
+    assert model.bn1.weight is weight  # the optimizer's parameter objects stay valid
+    from_sync_batchnorm(model, originals)
+    assert type(model.bn1) is torch.nn.BatchNorm2d
+    assert model.bn1.weight is weight and model.bn1.running_mean is running_mean
+    after = model.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_onnxruntime_cuda_runner_only_where_a_cuda_provider_works(tiny_run):
+    import onnxruntime
+
+    from bnexport.parity import onnxruntime_cuda_runner
+
+    runner = onnxruntime_cuda_runner(tiny_run / "model.onnx")
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert runner is None
+        assert not [r for r in read_json(tiny_run / "parity.json")["results"] if "CUDA" in r["name"]]
+    else:  # a GPU machine: the CUDA rows join the parity table
+        names = [r["name"] for r in read_json(tiny_run / "parity.json")["results"]]
+        assert runner is None or "ORT model.onnx (CUDA)" in names
