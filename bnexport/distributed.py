@@ -149,6 +149,7 @@ class Replicas:
     recalibration: dict | None = None
     fingerprints: list[str] = field(default_factory=list)  # sha256 of each rank's BN buffers at the end
     sync_bn_layers: dict[str, str] = field(default_factory=dict)  # trained as SyncBatchNorm, exported as this class
+    _sync_originals: dict[str, type] = field(default_factory=dict, repr=False)  # while converted: the classes to restore
 
     @property
     def distributed(self) -> bool:
@@ -231,6 +232,7 @@ class Replicas:
             yield model
             return
         originals = to_sync_batchnorm(model) if self.sync_bn and self.distributed else {}
+        self._sync_originals = originals
         self.sync_bn_layers = {name: f"{cls.__name__} -> {type(model.get_submodule(name)).__name__}"
                                for name, cls in originals.items()}
         model.to(self.device)
@@ -306,7 +308,15 @@ class Replicas:
         """Exact statistics over the whole training set: rank r takes samples r, r + W, ...
         (no padding, so each sample counts once), and the moments are pooled over ranks."""
         mine = torch.arange(self.rank, len(train_images), self.world_size)
-        return recalibrate(model, training_batches(train_images, mine, batch_size=batch_size), sum_over=self.sum)
+        # Plain BatchNorm for the pass: SyncBatchNorm would all-reduce inside every forward,
+        # and ranks may hold one batch more or less than each other here.
+        originals = self._sync_originals
+        from_sync_batchnorm(model, originals)
+        try:
+            return recalibrate(model, training_batches(train_images, mine, batch_size=batch_size), sum_over=self.sum)
+        finally:
+            if originals:
+                to_sync_batchnorm(model)
 
     def check_identical(self, model: nn.Module) -> list[str]:
         """Every rank's BN buffers and weights hashed and compared; returns the hashes by rank."""

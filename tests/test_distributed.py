@@ -249,6 +249,17 @@ def test_inconsistent_world_size_stops_every_rank(tmp_path):
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+def test_ranks_started_with_different_arguments_stop_together(tmp_path):
+    port = free_port()
+    args = ["train", *TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path, "--dist-timeout", "60"]
+    ranks = [start_rank(0, 2, port, args), start_rank(1, 2, port, [*args, "--lr", "0.5"])]
+    (code0, _, stderr0, _), (code1, _, stderr1, _) = (finish(process, timeout=90) for process in ranks)
+    assert code0 == code1 == 2, (stderr0, stderr1)
+    assert_one_line_error(CommandResult(code0, "", stderr0), "inconsistent arguments across ranks", "rank 1 has lr=0.5")
+    assert stderr1.strip() == ""  # rank 0 reports for both
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
 @pytest.mark.parametrize("peer", ["dies", "hangs"])
 def test_a_lost_peer_stops_the_others_within_the_timeout(tmp_path, peer):
     port = free_port()
