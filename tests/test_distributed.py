@@ -330,15 +330,12 @@ def test_sync_batchnorm_round_trip_keeps_parameters_and_buffers():
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_onnxruntime_cuda_runner_only_where_a_cuda_provider_works(tiny_run):
+def test_onnxruntime_cuda_runner_only_where_a_cuda_provider_works(tmp_path):
     import onnxruntime
 
     from bnexport.parity import onnxruntime_cuda_runner
 
-    runner = onnxruntime_cuda_runner(tiny_run / "model.onnx")
-    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        assert runner is None
-        assert not [r for r in read_json(tiny_run / "parity.json")["results"] if "CUDA" in r["name"]]
-    else:  # a GPU machine: the CUDA rows join the parity table
-        names = [r["name"] for r in read_json(tiny_run / "parity.json")["results"]]
-        assert runner is None or "ORT model.onnx (CUDA)" in names
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime has a CUDA provider here; tools/gpu_check.sh checks the CUDA rows")
+    # without it, the check adds no CUDA rows rather than failing or falling back silently
+    assert onnxruntime_cuda_runner(tmp_path / "model.onnx") is None

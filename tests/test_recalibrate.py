@@ -9,9 +9,13 @@ import torch
 
 from bnexport.artifacts import sha256_file
 from bnexport.bnstats import recalibrate, training_batches
+from bnexport.cli import main
+from bnexport.config import TrainConfig
 from bnexport.data import epoch_order, make_synthetic
+from bnexport.errors import BnexportError
 from bnexport.model import ModelSpec, build_model
-from bnexport.train import load_checkpoint, model_from_checkpoint
+from bnexport.recalibrate import recalibrate_checkpoint
+from bnexport.train import load_checkpoint, model_from_checkpoint, new_state, save_checkpoint, train
 from conftest import assert_one_line_error, run_bnexport
 
 SHAPE = (1, 10, 10)
@@ -85,18 +89,15 @@ def test_recalibrate_command_writes_a_new_checkpoint(trained):
 
 def test_recalibrate_over_n_batches(trained, tmp_path):
     output = tmp_path / "two.pt"
-    result = run_bnexport("recalibrate", trained, "--batches", "2", "-o", output, "--json")
-    assert result.returncode == 0, result.stderr
-    import json
-
-    record = json.loads(result.stdout)
-    assert record["batches"] == 2 and record["samples"] == 64  # the checkpoint's batch size, 32
+    result = recalibrate_checkpoint(trained, output, batches=2)
+    assert result.recalibration.batches == 2 and result.recalibration.samples == 64  # the checkpoint's batch size, 32
     model, _ = model_from_checkpoint(load_checkpoint(output))
     data = make_synthetic(SHAPE, size=2048, seed=0)
     first_two = data.train_images[epoch_order(len(data.train_images), seed=0, epoch=0)[:64]]
     mean, var = exact_statistics(model, first_two)
     torch.testing.assert_close(model.bn1.running_var.double(), var, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.bn1.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    assert load_checkpoint(output)["bn_recalibration"]["batches"] == 2
 
 
 def test_recalibrate_refuses_to_overwrite_its_input_unless_asked(trained, tmp_path):
@@ -105,22 +106,28 @@ def test_recalibrate_refuses_to_overwrite_its_input_unless_asked(trained, tmp_pa
     before = sha256_file(copy)
     assert_one_line_error(run_bnexport("recalibrate", copy, "-o", copy), "--in-place")
     assert sha256_file(copy) == before
-    result = run_bnexport("recalibrate", copy, "--in-place", "--batches", "1")
-    assert result.returncode == 0, result.stderr
+    recalibrate_checkpoint(copy, batches=1, in_place=True)
     assert sha256_file(copy) != before and load_checkpoint(copy)["bn_recalibration"]["batches"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temporary files left
 
 
-def test_recalibrate_bad_input(tmp_path):
+def test_recalibrate_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"junk")
     assert_one_line_error(run_bnexport("recalibrate", bad), "not a readable checkpoint")
-    assert_one_line_error(run_bnexport("recalibrate", tmp_path / "missing.pt"), "not found")
-    assert_one_line_error(run_bnexport("recalibrate", bad, "--batches", "0"), "--batches")
+    with pytest.raises(BnexportError, match="not found"):
+        recalibrate_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(BnexportError, match="does not exist"):
+        recalibrate_checkpoint(bad, tmp_path / "no" / "such" / "folder.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["recalibrate", str(bad), "--batches", "0"])
+    assert exit_info.value.code == 2 and "--batches" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.pt"]
 
 
 def test_recalibrate_a_model_without_batchnorm(tmp_path):
-    made = run_bnexport("train", *TINY, "--no-bn", "--epochs", "1", "--max-steps", "1", "--out", tmp_path)
-    assert made.returncode == 0, made.stderr
-    assert_one_line_error(run_bnexport("recalibrate", tmp_path / "checkpoint.pt"), "no BatchNorm")
+    config = TrainConfig(dataset="synthetic", synthetic_shape=SHAPE, batch_norm=False, epochs=1, max_steps=1)
+    data = make_synthetic(SHAPE, size=config.synthetic_size, seed=0)
+    save_checkpoint(train(new_state(config, data), data, progress=False), tmp_path / "c.pt")
+    with pytest.raises(BnexportError, match="no BatchNorm"):
+        recalibrate_checkpoint(tmp_path / "c.pt")
