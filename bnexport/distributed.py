@@ -69,10 +69,14 @@ class Launch:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> "Launch | None":
-        """None without torchrun; otherwise its variables, checked."""
-        present = [name for name in LAUNCH_VARIABLES if env.get(name)]
-        if not present:
+        """None without torchrun; otherwise its variables, checked.
+
+        RANK or WORLD_SIZE mark a torchrun worker (it always sets both). MASTER_ADDR alone
+        does not: some clusters export it for every job, and a plain run must stay plain.
+        """
+        if not (env.get("RANK") or env.get("WORLD_SIZE")):
             return None
+        present = [name for name in LAUNCH_VARIABLES if env.get(name)]
         missing = [name for name in LAUNCH_VARIABLES if not env.get(name)]
         if missing:
             raise BnexportError(f"distributed launch: {', '.join(present)} set but {', '.join(missing)} missing; "

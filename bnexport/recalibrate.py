@@ -57,6 +57,8 @@ def recalibrate_checkpoint(checkpoint: str | Path, output: str | Path | None = N
     output = Path(output) if output is not None else (checkpoint if in_place else default_output(checkpoint))
     if output.resolve() == checkpoint.resolve() and not in_place:
         raise BnexportError(f"-o {output}: that is the input checkpoint; pass --in-place to overwrite it")
+    if output.is_dir():
+        raise BnexportError(f"-o {output}: is a folder; name the new checkpoint file")
     if not output.parent.is_dir():
         raise BnexportError(f"-o {output}: folder {output.parent} does not exist")
     payload = load_checkpoint(checkpoint)

@@ -116,6 +116,7 @@ def test_bad_launch_variables(env, fragment):
     with pytest.raises(BnexportError, match=fragment):
         Launch.from_env(env)
     assert Launch.from_env({}) is None
+    assert Launch.from_env({"MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}) is None  # a cluster's defaults alone
 
 
 # Real process groups: gloo on 127.0.0.1 -----------------------------------------------------

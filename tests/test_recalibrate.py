@@ -131,3 +131,16 @@ def test_recalibrate_a_model_without_batchnorm(tmp_path):
     save_checkpoint(train(new_state(config, data), data, progress=False), tmp_path / "c.pt")
     with pytest.raises(BnexportError, match="no BatchNorm"):
         recalibrate_checkpoint(tmp_path / "c.pt")
+
+
+def test_recalibrate_bn_at_the_end_of_a_one_process_run():
+    from bnexport.distributed import Replicas
+
+    config = TrainConfig(dataset="synthetic", synthetic_shape=SHAPE, synthetic_size=400, epochs=1, max_steps=2)
+    data = make_synthetic(SHAPE, size=config.synthetic_size, seed=0)
+    replicas = Replicas(recalibrate_bn=True)
+    state = train(new_state(config, data), data, progress=False, replicas=replicas)
+    mean, var = exact_statistics(state.model, data.train_images)  # shifts are for training only
+    torch.testing.assert_close(state.model.bn1.running_mean.double(), mean, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(state.model.bn1.running_var.double(), var, rtol=1e-5, atol=1e-6)
+    assert replicas.to_json()["recalibration"]["samples"] == 300 and replicas.to_json()["bn_statistics"] == "recalibrated"
