@@ -1,6 +1,7 @@
 """Command line: parse arguments, call the library, print a table, return an exit code.
 
-Exit codes: 0 success; 1 a check failed (parity); 2 bad input (one line on stderr).
+Exit codes: 0 success; 1 a check failed (parity); 2 bad input (one line on stderr);
+3 under torchrun, a peer process died or stopped answering (one line on stderr).
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 # A short CUDA check of the distributed path, for a GPU machine with only this repository
 # and a Python that has torch with CUDA. Needs no network; runs in well under 3 minutes.
 #
-#   bash tools/gpu_check.sh [PYTHON]        (default: python3; results under ${GPU_CHECK_OUT:-/tmp/bnexport-gpu-check})
+#   bash tools/gpu_check.sh [PYTHON]        (default: python3; results under $GPU_CHECK_OUT, default $TMPDIR/bnexport-gpu-check)
 #
 # 1. torchrun --nproc_per_node=1 ... train-and-export --device cuda --sync-bn: NCCL, BN layers
 #    trained as SyncBatchNorm and exported as BatchNorm2d, parity (with ORT's CUDA provider
@@ -14,7 +14,7 @@
 set -u
 PY=${1:-python3}
 REPO=$(cd "$(dirname "$0")/.." && pwd)
-OUT=${GPU_CHECK_OUT:-/tmp/bnexport-gpu-check}
+OUT=${GPU_CHECK_OUT:-${TMPDIR:-/tmp}/bnexport-gpu-check}
 rm -rf "$OUT" && mkdir -p "$OUT"
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 cd "$REPO"
