@@ -1,6 +1,7 @@
 """Command line: parse arguments, call the library, print a table, return an exit code.
 
-Exit codes: 0 success; 1 a check failed (parity); 2 bad input (one line on stderr).
+Exit codes: 0 success; 1 a check failed (parity); 2 bad input (one line on stderr);
+3 under torchrun, a peer process died or stopped answering (one line on stderr).
 """
 
 from __future__ import annotations
@@ -10,11 +11,12 @@ import json
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_ATOL, DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, Tolerance, TrainConfig
+from .config import (DEFAULT_ATOL, DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES, Tolerance,
+                     TrainConfig)
 from .data import DATASETS
 from .errors import BnexportError
 
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT = 0, 1, 2
+EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_PEER_FAILED = 0, 1, 2, 3
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -92,6 +94,18 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("devices and torchrun (see README: Many processes)")
+    group.add_argument("--device", choices=DEVICES, default=TrainConfig().device,
+                       help="auto: CUDA when present (default); cuda without a GPU is an error")
+    group.add_argument("--sync-bn", action="store_true",
+                       help="under torchrun on CUDA, train with nn.SyncBatchNorm (exported as plain BatchNorm)")
+    group.add_argument("--recalibrate-bn", action="store_true",
+                       help="at the end, recompute BatchNorm statistics exactly over the training set")
+    group.add_argument("--dist-timeout", type=positive_float, default=DEFAULT_DIST_TIMEOUT_S, metavar="SECONDS",
+                       help="under torchrun, how long a rank waits for the others before it stops (default: %(default)g)")
+
+
 def add_tolerance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=non_negative_float, default=DEFAULT_ATOL, help="absolute tolerance (default: %(default)g)")
     parser.add_argument("--rtol", type=non_negative_float, default=DEFAULT_RTOL,
@@ -103,7 +117,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         dataset=args.dataset, data_root=args.data_root, download=args.download, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, schedule=args.schedule, shift=args.shift, seed=args.seed, batch_norm=not args.no_bn,
         max_steps=args.max_steps, synthetic_shape=args.synthetic_shape,
+        device=args.device, sync_bn=args.sync_bn, recalibrate_bn=args.recalibrate_bn,
     )
+
+
+def replicas_for(config: TrainConfig, args: argparse.Namespace):
+    """torchrun's process group for the command's lifetime, or one plain process without torchrun."""
+    from .distributed import process_group
+
+    return process_group(device=config.device, sync_bn=config.sync_bn, recalibrate_bn=config.recalibrate_bn,
+                         timeout_s=args.dist_timeout)
 
 
 # Handlers: one per subcommand, each returns an exit code -----------------------------------
@@ -113,8 +136,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .artifacts import prepare_out_dir
     from .pipeline import train_only
 
-    out = prepare_out_dir(args.out)
-    summary = train_only(config_from_args(args), out, resume=args.resume, progress=not args.quiet)
+    config = config_from_args(args)
+    with replicas_for(config, args) as replicas:
+        out = replicas.together(lambda: prepare_out_dir(args.out), main_only=True) or args.out
+        summary = train_only(config, out, resume=args.resume, progress=not args.quiet, replicas=replicas)
+    if summary is None:  # a rank other than 0: rank 0 reports
+        return EXIT_OK
     print(summary.table())
     print(f"artifacts in {out}/")
     return EXIT_OK
@@ -125,9 +152,13 @@ def cmd_train_and_export(args: argparse.Namespace) -> int:
     from .artifacts import prepare_out_dir
     from .pipeline import train_and_export
 
-    out = prepare_out_dir(args.out)
-    summary, parity = train_and_export(config_from_args(args), out, resume=args.resume, progress=not args.quiet,
-                                       tolerance=Tolerance(args.atol, args.rtol))
+    config = config_from_args(args)
+    with replicas_for(config, args) as replicas:
+        out = replicas.together(lambda: prepare_out_dir(args.out), main_only=True) or args.out
+        summary, parity = train_and_export(config, out, resume=args.resume, progress=not args.quiet,
+                                           tolerance=Tolerance(args.atol, args.rtol), replicas=replicas)
+    if summary is None or parity is None:  # a rank other than 0: rank 0 reports
+        return EXIT_OK
     print(parity.table())
     print()
     print(summary.table())
@@ -135,9 +166,36 @@ def cmd_train_and_export(args: argparse.Namespace) -> int:
     return EXIT_OK if parity.passed else EXIT_CHECK_FAILED
 
 
+def add_recalibrate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="a bnexport checkpoint.pt")
+    parser.add_argument("--batches", type=positive_int, default=None, metavar="N",
+                        help="recompute over the first N batches of the seeded training order (default: all of it)")
+    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: the checkpoint's")
+    parser.add_argument("-o", "--output", type=Path, default=None, metavar="OUT",
+                        help="new checkpoint (default: CHECKPOINT with .recalibrated before its suffix)")
+    parser.add_argument("--in-place", action="store_true", help="replace CHECKPOINT itself (atomically)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+
+
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    """Recompute BatchNorm running statistics exactly (momentum=None, pooled in float64) over the
+    checkpoint's own training data, and save them in a new checkpoint."""
+    from .recalibrate import recalibrate_checkpoint
+
+    result = recalibrate_checkpoint(args.checkpoint, args.output, batches=args.batches, batch_size=args.batch_size,
+                                    in_place=args.in_place)
+    if args.json:
+        print_json(result.to_json())
+    else:
+        print(result.table())
+        print(f"written {result.output}")
+    return EXIT_OK
+
+
 COMMANDS = {
-    "train": (cmd_train, [add_training_arguments]),
-    "train-and-export": (cmd_train_and_export, [add_training_arguments, add_tolerance_arguments]),
+    "train": (cmd_train, [add_training_arguments, add_distributed_arguments]),
+    "train-and-export": (cmd_train_and_export, [add_training_arguments, add_distributed_arguments, add_tolerance_arguments]),
+    "recalibrate": (cmd_recalibrate, [add_recalibrate_arguments]),
 }
 
 
@@ -161,7 +219,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except BnexportError as err:
-        print(f"bnexport {args.command}: error: {err}", file=sys.stderr)
+        from .distributed import DistributedFailure, SharedError, is_rank_zero
+
+        if isinstance(err, DistributedFailure):  # every rank says what it saw: the one that knows may be gone
+            print(f"bnexport {args.command}: error: {err}", file=sys.stderr)
+            return EXIT_PEER_FAILED
+        if is_rank_zero() or not isinstance(err, SharedError):
+            print(f"bnexport {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print(f"bnexport {args.command}: interrupted", file=sys.stderr)

@@ -21,6 +21,11 @@ DEFAULT_OPSET = 18
 
 DEFAULT_OUT_DIR = Path("artifacts")
 
+DEVICES = ("auto", "cpu", "cuda")
+# Under torchrun, how long a rank waits for the others in any collective before it stops:
+# a dead or silent peer ends the run with an error instead of a hang.
+DEFAULT_DIST_TIMEOUT_S = 300.0
+
 
 @dataclass(frozen=True)
 class ArtifactNames:
@@ -59,6 +64,9 @@ class TrainConfig:
     max_steps: int | None = None  # cap steps per epoch; for quick tests
     synthetic_shape: tuple[int, int, int] = (1, 28, 28)  # C, H, W of --dataset synthetic
     synthetic_size: int = 2048
+    device: str = "auto"  # auto: CUDA when present | cpu | cuda
+    sync_bn: bool = False  # CUDA under torchrun: train with nn.SyncBatchNorm, export plain BatchNorm
+    recalibrate_bn: bool = False  # recompute BN statistics exactly over the training set at the end
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -85,11 +93,13 @@ DEFAULT_TOLERANCE = Tolerance()
 __all__ = [
     "ARTIFACTS",
     "DEFAULT_ATOL",
+    "DEFAULT_DIST_TIMEOUT_S",
     "DEFAULT_OPSET",
     "DEFAULT_OUT_DIR",
     "DEFAULT_RTOL",
     "DEFAULT_SEED",
     "DEFAULT_TOLERANCE",
+    "DEVICES",
     "INPUT_NAME",
     "OUTPUT_NAME",
     "PARITY_BATCH_SIZE",

@@ -178,3 +178,29 @@ def onnxruntime_runner(path_or_bytes: str | Path | bytes, *, optimize: bool = Fa
         return session.run(None, {input_name: inputs})[0]
 
     return run
+
+
+def onnxruntime_cuda_runner(path: str | Path, *, optimize: bool = False) -> Runner | None:
+    """ONNX Runtime on its CUDA execution provider, or None where this onnxruntime cannot run it.
+
+    TF32 is turned off: it rounds conv inputs to 10 mantissa bits, an error the float32
+    tolerance is not meant to absorb. A session that silently fell back to the CPU does not count.
+    """
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return None
+    options = ort.SessionOptions()
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3
+    for provider_options in ({"use_tf32": "0"}, {}):  # older releases do not know use_tf32 (and had TF32 off)
+        try:
+            session = ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", provider_options)])
+        except Exception:  # noqa: BLE001 - missing CUDA libraries or an unknown option: try the next, then give up
+            continue
+        if session.get_providers()[0] == "CUDAExecutionProvider":
+            input_name = session.get_inputs()[0].name
+            return lambda inputs: session.run(None, {input_name: inputs})[0]
+    return None

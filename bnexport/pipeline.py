@@ -18,11 +18,12 @@ from . import export as exporters
 from .artifacts import library_versions, write_json, write_manifest
 from .config import ARTIFACTS, DEFAULT_TOLERANCE, PARITY_BATCH_SIZE, Tolerance, TrainConfig
 from .data import Dataset, load_dataset, parity_batch
+from .distributed import Replicas
 from .errors import BnexportError
 from .fold import fold_module, fold_onnx
 from .model import count_batchnorm
-from .parity import (ParityReport, eager_runner, exported_program_runner, onnxruntime_runner, run_parity,
-                     torchscript_runner)
+from .parity import (ParityReport, eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
+                     run_parity, torchscript_runner)
 from .tables import format_table
 from .train import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, train
 
@@ -52,8 +53,10 @@ class RunSummary:
     parity_passed: bool | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
+    replicas: dict | None = None  # torchrun or --recalibrate-bn: ranks, backend, BN statistics spread and merge
 
     def to_json(self) -> dict:
+        extra = {} if self.replicas is None else {"replicas": self.replicas}
         return {
             "dataset": self.dataset,
             "config": self.config,
@@ -66,6 +69,7 @@ class RunSummary:
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "total_seconds": round(sum(self.stage_seconds.values()), 3),
             "versions": self.versions,
+            **extra,
         }
 
     def table(self) -> str:
@@ -79,6 +83,8 @@ class RunSummary:
             rows.append(("BatchNorm folded", f"{self.batchnorm_folded} of {self.batchnorm_layers}"))
         if self.parity_passed is not None:
             rows.append(("parity", "pass" if self.parity_passed else "FAIL"))
+        if self.replicas is not None:
+            rows.append(("BatchNorm statistics", replicas_line(self.replicas)))
         seconds = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         rows.append(("time", f"{sum(self.stage_seconds.values()):.1f}s ({seconds})"))
         return "\n".join(format_table(rows).splitlines()[2:])
@@ -96,22 +102,47 @@ def load_data(config: TrainConfig) -> Dataset:
                         synthetic_shape=config.synthetic_shape, synthetic_size=config.synthetic_size)
 
 
+def replicas_line(record: dict) -> str:
+    """One line for the summary table: ranks, and what happened to the BN statistics."""
+    text = f"{record['world_size']} rank{'s' if record['world_size'] > 1 else ''} ({record['backend'] or 'no process group'}, {record['device']})"
+    if record["sync_bn"]:
+        text += ", SyncBatchNorm"
+    if record["epochs"]:
+        spreads = record["epochs"][-1]["spread_before_merge"].values()
+        text += (f"; merged, spread before: means {max(s['mean_range_in_std'] for s in spreads):.2g} std, "
+                 f"variances {max(s['var_range_relative'] for s in spreads):.2%}")
+    if record["recalibration"]:
+        text += f"; recalibrated on {record['recalibration']['samples']} samples"
+    return text
+
+
 def run_training(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True,
-                 seconds: dict[str, float] | None = None) -> tuple[TrainState, Dataset]:
-    """Train (or resume) and write the checkpoint and history.json into ``out``."""
+                 seconds: dict[str, float] | None = None, replicas: Replicas | None = None) -> tuple[TrainState, Dataset]:
+    """Train (or resume) and write the checkpoint and history.json into ``out`` (rank 0 only)."""
+    replicas = replicas or Replicas()
     validate_config(config)
+    replicas.check_same("arguments", config.to_json())
     seconds = {} if seconds is None else seconds
     with _timed(seconds, "data"):
-        dataset = load_data(config)
+        dataset = replicas.together(lambda: load_data(config))
+    replicas.check_same("data", dataset.describe())
     with _timed(seconds, "train"):
         if resume is not None:
-            state = resume_state(load_checkpoint(resume), config, dataset, path=resume)
+            state = replicas.together(lambda: resume_state(load_checkpoint(resume), config, dataset, path=resume))
         else:
             state = new_state(config, dataset)
-        train(state, dataset, progress=progress)
-        save_checkpoint(state, out / ARTIFACTS.checkpoint)
-        write_json(out / ARTIFACTS.history, {**state.history.to_json(), "config": config.to_json()})
+        train(state, dataset, progress=progress and replicas.is_main, replicas=replicas)
+        if replicas.is_main:
+            save_checkpoint(state, out / ARTIFACTS.checkpoint)
+            write_json(out / ARTIFACTS.history, {**state.history.to_json(), "config": config.to_json()})
     return state, dataset
+
+
+def replicas_record(replicas: Replicas | None) -> dict | None:
+    """What summary.json says about ranks and BN statistics; nothing for a plain one-process run."""
+    if replicas is None or not (replicas.distributed or replicas.recalibrate_bn):
+        return None
+    return replicas.to_json()
 
 
 def export_all(model: torch.nn.Module, example: torch.Tensor, out: Path) -> tuple[dict, dict[str, dict[str, int]]]:
@@ -149,6 +180,10 @@ def check_exports(model: torch.nn.Module, out: Path, inputs: torch.Tensor, *, se
         "ORT model.folded.onnx (no graph opt)": onnxruntime_runner(out / ARTIFACTS.onnx_folded, optimize=False),
         "ORT model.folded.onnx (default opt)": onnxruntime_runner(out / ARTIFACTS.onnx_folded, optimize=True),
     }
+    for name in (ARTIFACTS.onnx, ARTIFACTS.onnx_folded):  # where onnxruntime has a working CUDA provider
+        cuda = onnxruntime_cuda_runner(out / name)
+        if cuda is not None:
+            candidates[f"ORT {name} (CUDA)"] = cuda
     report = run_parity(eager_runner(model), candidates, inputs.numpy(), reference_name="eager (BatchNorm kept)",
                         seed=seed, tolerance=tolerance)
     write_json(out / ARTIFACTS.parity, report.to_json())
@@ -156,9 +191,14 @@ def check_exports(model: torch.nn.Module, out: Path, inputs: torch.Tensor, *, se
 
 
 def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True,
-                     tolerance: Tolerance = DEFAULT_TOLERANCE) -> tuple[RunSummary, ParityReport]:
+                     tolerance: Tolerance = DEFAULT_TOLERANCE,
+                     replicas: Replicas | None = None) -> tuple[RunSummary | None, ParityReport | None]:
+    """The main job. Under torchrun every rank trains; rank 0 alone exports, checks and writes
+    (the others return (None, None) once the statistics are pooled)."""
     seconds: dict[str, float] = {}
-    state, dataset = run_training(config, out, resume=resume, progress=progress, seconds=seconds)
+    state, dataset = run_training(config, out, resume=resume, progress=progress, seconds=seconds, replicas=replicas)
+    if replicas is not None and not replicas.is_main:
+        return None, None
     model = state.model.eval()
     inputs = parity_batch(dataset, seed=config.seed, size=PARITY_BATCH_SIZE)
     with _timed(seconds, "export"):
@@ -169,20 +209,24 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
         dataset=dataset.describe(), config=config.to_json(), epochs=state.epoch,
         test_accuracy=state.history.test_accuracy[-1] if state.history.test_accuracy else None,
         batchnorm_layers=count_batchnorm(model), batchnorm_folded=reports["onnx"]["folded"],
-        onnx_ops=ops, parity_passed=parity.passed, stage_seconds=seconds,
+        onnx_ops=ops, parity_passed=parity.passed, stage_seconds=seconds, replicas=replicas_record(replicas),
     )
     write_json(out / ARTIFACTS.summary, summary.to_json())
     write_manifest(out, FILE_DESCRIPTIONS, name=ARTIFACTS.manifest)
     return summary, parity
 
 
-def train_only(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True) -> RunSummary:
+def train_only(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True,
+               replicas: Replicas | None = None) -> RunSummary | None:
+    """Train and write checkpoint, history and summary; under torchrun only rank 0 returns a summary."""
     seconds: dict[str, float] = {}
-    state, dataset = run_training(config, out, resume=resume, progress=progress, seconds=seconds)
+    state, dataset = run_training(config, out, resume=resume, progress=progress, seconds=seconds, replicas=replicas)
+    if replicas is not None and not replicas.is_main:
+        return None
     summary = RunSummary(
         dataset=dataset.describe(), config=config.to_json(), epochs=state.epoch,
         test_accuracy=state.history.test_accuracy[-1] if state.history.test_accuracy else None,
-        batchnorm_layers=count_batchnorm(state.model), stage_seconds=seconds,
+        batchnorm_layers=count_batchnorm(state.model), stage_seconds=seconds, replicas=replicas_record(replicas),
     )
     write_json(out / ARTIFACTS.summary, summary.to_json())
     written = (ARTIFACTS.checkpoint, ARTIFACTS.history, ARTIFACTS.summary)

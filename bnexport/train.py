@@ -19,6 +19,7 @@ from tqdm import tqdm
 from .artifacts import atomic_path, library_versions
 from .config import TrainConfig
 from .data import Dataset, epoch_generator, epoch_order, random_shift
+from .distributed import Replicas
 from .errors import BnexportError
 from .model import ModelSpec, build_model
 
@@ -65,6 +66,7 @@ def train_one_epoch(
     """One pass over ``order``; returns the loss of every step."""
     model.train()
     criterion = nn.CrossEntropyLoss()
+    device = next(model.parameters()).device  # batches are cut and shifted on the CPU, then moved
     losses: list[float] = []
     for start in range(0, len(order), batch_size):
         if max_steps is not None and len(losses) >= max_steps:
@@ -73,11 +75,12 @@ def train_one_epoch(
         batch = images[index]
         if shift:
             batch = random_shift(batch, shift, generator=generator)
+        batch = batch.to(device)
         if lr_for_step is not None:
             for group in optimizer.param_groups:
                 group["lr"] = lr_for_step(first_step + len(losses))
         optimizer.zero_grad(set_to_none=True)
-        loss = criterion(model(batch), labels[index])
+        loss = criterion(model(batch), labels[index].to(device))
         loss.backward()
         optimizer.step()
         losses.append(loss.item())
@@ -94,14 +97,16 @@ def train_one_epoch(
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 1000) -> float:
     """Top-1 accuracy in eval mode."""
     model.eval()
+    device = next(model.parameters()).device
     correct = 0
     for start in range(0, len(labels), batch_size):
-        logits = model(images[start:start + batch_size])
-        correct += int((logits.argmax(1) == labels[start:start + batch_size]).sum())
+        logits = model(images[start:start + batch_size].to(device))
+        correct += int((logits.argmax(1).cpu() == labels[start:start + batch_size]).sum())
     return correct / max(1, len(labels))
 
 
 def steps_per_epoch(num_samples: int, config: TrainConfig) -> int:
+    """Steps in one epoch of ``num_samples`` (one rank's shard under torchrun)."""
     steps = -(-num_samples // config.batch_size)
     return min(steps, config.max_steps) if config.max_steps else steps
 
@@ -142,33 +147,44 @@ def train(
     progress: bool = True,
     on_step: StepHook | None = None,
     on_epoch_end: Callable[[TrainState], None] | None = None,
+    replicas: Replicas | None = None,
 ) -> TrainState:
-    """Train ``state`` from its completed epoch up to ``state.config.epochs``."""
+    """Train ``state`` from its completed epoch up to ``state.config.epochs``.
+
+    ``replicas`` (``bnexport.distributed``) says which shard of each epoch this process
+    trains on, wraps the model for DDP, and pools BatchNorm statistics at each epoch's end.
+    The default, one process on the CPU, is the plain loop.
+    """
     config = state.config
+    replicas = replicas or Replicas()
     images, labels = dataset.train_images, dataset.train_labels
-    total_steps = config.epochs * steps_per_epoch(len(labels), config)
-    for epoch in range(state.epoch, config.epochs):
-        order = epoch_order(len(labels), seed=config.seed, epoch=epoch)
-        with tqdm(total=steps_per_epoch(len(labels), config), desc=f"epoch {epoch + 1}/{config.epochs}",
-                  unit="step", disable=None if progress else True, leave=False, dynamic_ncols=True) as bar:
-            losses = train_one_epoch(
-                state.model, state.optimizer, images, labels,
-                order=order, batch_size=config.batch_size, max_steps=config.max_steps,
-                shift=config.shift, generator=epoch_generator(seed=config.seed + 1, epoch=epoch),
-                lr_for_step=lambda step: learning_rate(config, step, total_steps),
-                progress=bar, on_step=on_step, first_step=len(state.history.step_loss),
-            )
-        accuracy = evaluate(state.model, dataset.test_images, dataset.test_labels)
-        history = state.history
-        history.step_loss.extend(losses)
-        history.epoch_end_step.append(len(history.step_loss))
-        history.test_accuracy.append(accuracy)
-        state.epoch = epoch + 1
-        if progress:
-            tqdm.write(f"epoch {state.epoch}/{config.epochs}: loss {sum(losses) / max(1, len(losses)):.4f}, "
-                       f"test accuracy {accuracy:.2%}")
-        if on_epoch_end is not None:
-            on_epoch_end(state)
+    epoch_steps = steps_per_epoch(replicas.shard_size(len(labels)), config)
+    total_steps = config.epochs * epoch_steps
+    with replicas.parallel(state.model, state.optimizer) as net:
+        for epoch in range(state.epoch, config.epochs):
+            order = replicas.shard(epoch_order(len(labels), seed=config.seed, epoch=epoch))
+            with tqdm(total=epoch_steps, desc=f"epoch {epoch + 1}/{config.epochs}",
+                      unit="step", disable=None if progress else True, leave=False, dynamic_ncols=True) as bar:
+                losses = train_one_epoch(
+                    net, state.optimizer, images, labels,
+                    order=order, batch_size=config.batch_size, max_steps=config.max_steps,
+                    shift=config.shift, generator=epoch_generator(seed=replicas.augment_seed(config.seed + 1), epoch=epoch),
+                    lr_for_step=lambda step: learning_rate(config, step, total_steps),
+                    progress=bar, on_step=on_step, first_step=len(state.history.step_loss),
+                )
+            losses = replicas.end_epoch(state.model, losses, epoch=epoch, final=epoch + 1 == config.epochs,
+                                        train_images=images, batch_size=config.batch_size)
+            accuracy = evaluate(state.model, dataset.test_images, dataset.test_labels)
+            history = state.history
+            history.step_loss.extend(losses)
+            history.epoch_end_step.append(len(history.step_loss))
+            history.test_accuracy.append(accuracy)
+            state.epoch = epoch + 1
+            if progress:
+                tqdm.write(f"epoch {state.epoch}/{config.epochs}: loss {sum(losses) / max(1, len(losses)):.4f}, "
+                           f"test accuracy {accuracy:.2%}")
+            if on_epoch_end is not None:
+                on_epoch_end(state)
     state.model.eval()
     return state
 
@@ -189,10 +205,14 @@ def checkpoint_payload(state: TrainState) -> dict:
 
 
 def save_checkpoint(state: TrainState, path: str | Path) -> Path:
+    return save_payload(checkpoint_payload(state), path)
+
+
+def save_payload(payload: dict, path: str | Path) -> Path:
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         # A file object, not a path: torch.save names the archive's folder after a path,
         # and the temporary name would make two identical runs write different bytes.
-        torch.save(checkpoint_payload(state), handle)
+        torch.save(payload, handle)
     return Path(path)
 
 

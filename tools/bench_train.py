@@ -1,6 +1,8 @@
-"""Benchmark: one training epoch of bnexport against the article's loop, and the compute floor.
+"""Benchmark: one training epoch of bnexport against the article's loop, and the compute floor;
+with ``--nproc``, data-parallel scaling under torchrun instead.
 
     python tools/bench_train.py [--repeats 3] [--end-to-end] [--json out.json]
+    python tools/bench_train.py --nproc 1,2 [--repeats 3] [--json out.json]
 
 All loops train the same SimpleCNN on the same 4,000 bundled digits with batch 64 and Adam:
 
@@ -12,12 +14,20 @@ All loops train the same SimpleCNN on the same 4,000 bundled digits with batch 6
 - floor: the same optimizer steps on batches sliced in advance, the pure compute.
 
 Each figure is the median of ``--repeats`` epochs after one warm-up epoch.
+
+``--nproc 1,2`` starts ``torchrun --nproc_per_node=N`` for each N on 127.0.0.1 and times the
+real distributed loop (DDP over gloo on the CPU, each rank on its shard, BatchNorm
+statistics pooled at each epoch's end), reporting samples per second over all ranks.
+torchrun gives each of N > 1 processes one thread; a single process keeps torch's
+default, so every row uses the same cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -99,12 +109,86 @@ def end_to_end_seconds() -> float:
         return time.perf_counter() - started
 
 
+def scaling_worker(repeats: int, out: Path) -> None:
+    """One rank of the --nproc measurement, started by torchrun."""
+    import torch.distributed as dist
+
+    from bnexport.distributed import process_group
+
+    data = load_bundled()
+    images, labels = data.train_images, data.train_labels
+    config = TrainConfig(shift=0, schedule="constant", lr=1e-3)
+    with process_group(device="cpu") as replicas:
+        model, optimizer = fresh(config.lr)
+        times = []
+        with replicas.parallel(model, optimizer) as net:
+            for epoch in range(repeats + 1):  # the first is the warm-up
+                order = replicas.shard(epoch_order(len(labels), seed=0, epoch=epoch))
+                dist.barrier()
+                started = time.perf_counter()
+                losses = train_one_epoch(net, optimizer, images, labels, order=order, batch_size=BATCH)
+                replicas.end_epoch(model, losses, epoch=epoch, final=False, train_images=images, batch_size=BATCH)
+                dist.barrier()
+                times.append(time.perf_counter() - started)
+        if replicas.is_main:
+            seconds = statistics.median(times[1:])
+            samples = replicas.shard_size(len(labels)) * replicas.world_size
+            out.write_text(json.dumps({"processes": replicas.world_size, "threads_per_process": torch.get_num_threads(),
+                                       "epoch_seconds": seconds, "samples_per_second": samples / seconds}))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scaling(counts: list[int], repeats: int) -> list[dict]:
+    """A row per process count; one process also runs with a single thread, the fair
+    comparison when the cores are busy with something else as well."""
+    runs = [(count, None) for count in counts]
+    if 1 in counts and os.cpu_count() and os.cpu_count() > 1:
+        runs.insert(counts.index(1) + 1, (1, 1))
+    rows = []
+    load_before = os.getloadavg()[0]
+    for count, threads in runs:
+        env = {**os.environ} if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        with tempfile.TemporaryDirectory() as folder:
+            out = Path(folder) / "rank0.json"
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={count}", "--nnodes=1",
+                            "--master_addr=127.0.0.1", f"--master_port={free_port()}", __file__,
+                            "--worker", str(out), "--repeats", str(repeats)],
+                           check=True, capture_output=True, cwd=Path(__file__).resolve().parents[1], env=env)
+            rows.append(json.loads(out.read_text()))
+    print(f"one epoch, 4,000 bundled digits, batch {BATCH} per process, DDP over gloo (CPU), median of {repeats}; "
+          f"{os.cpu_count()} cores, load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after")
+    best_single = max((r["samples_per_second"] for r in rows if r["processes"] == 1), default=rows[0]["samples_per_second"])
+    print(f"{'processes':>9}{'threads each':>14}{'epoch s':>10}{'samples/s':>11}{'vs best 1 process':>19}")
+    for row in rows:
+        row["vs_best_single_process"] = row["samples_per_second"] / best_single
+        print(f"{row['processes']:>9}{row['threads_per_process']:>14}{row['epoch_seconds']:>10.3f}"
+              f"{row['samples_per_second']:>11.0f}{row['vs_best_single_process']:>18.2f}x")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--end-to-end", action="store_true", help="also time `python -m bnexport train-and-export`")
     parser.add_argument("--json", type=Path, help="write the figures here too")
+    parser.add_argument("--nproc", type=lambda text: [int(n) for n in text.split(",")], default=None, metavar="N,M",
+                        help="time DDP training under torchrun with each of these process counts, e.g. 1,2")
+    parser.add_argument("--worker", type=Path, default=None, help=argparse.SUPPRESS)  # one torchrun rank
     args = parser.parse_args(argv)
+
+    if args.worker is not None:
+        scaling_worker(args.repeats, args.worker)
+        return 0
+    if args.nproc:
+        rows = scaling(args.nproc, args.repeats)
+        if args.json:
+            args.json.write_text(json.dumps({"scaling": rows}, indent=2) + "\n")
+        return 0
 
     data = load_bundled()
     raw = np.load(Path(__file__).resolve().parents[1] / "bnexport" / "assets" / "mnist_5k.npz")
