@@ -18,6 +18,7 @@ process group, and training runs exactly as before.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import math
 import os
 import re
@@ -59,6 +60,14 @@ def is_rank_zero(env: Mapping[str, str] = os.environ) -> bool:
 # Launch: what torchrun told this process -------------------------------------------------
 
 LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+# torch 2.14 renamed DDP's broadcast_buffers to forward_sync_buffers and deprecated the old name.
+NO_FORWARD_BUFFER_SYNC = (
+    {"forward_sync_buffers": False}
+    if "forward_sync_buffers" in inspect.signature(nn.parallel.DistributedDataParallel.__init__).parameters
+    else {"broadcast_buffers": False}
+)
 
 
 @dataclass(frozen=True)
@@ -248,7 +257,7 @@ class Replicas:
                 # (DDP still syncs buffers once at construction; they are equal then anyway.)
                 yield nn.parallel.DistributedDataParallel(
                     model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                    forward_sync_buffers=False)
+                    **NO_FORWARD_BUFFER_SYNC)
             else:
                 yield model
         finally:
