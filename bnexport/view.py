@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import signal
 import socket
 import subprocess
 import sys
@@ -28,14 +29,21 @@ DEFAULT_PORT = 8080  # netron's own default
 START_TIMEOUT_S = 20.0
 ZIP_FORMATS = (".ts", ".pt2", ".pt", ".pth")  # TorchScript and torch.export archives are zip files
 
-# The child: serve one file, say so, and wait. netron.wait() stops the server on Ctrl-C.
+# The child: serve one file, say so, and serve until Ctrl-C or until its parent is gone,
+# so a killed ``bnexport view`` never leaves a server behind.
 _CHILD = """
-import logging, sys
+import logging, os, sys, time
 logging.basicConfig(level=logging.WARNING)
 import netron
+parent = os.getppid()
 netron.start(sys.argv[1], address=(sys.argv[2], int(sys.argv[3])), browse=False)
 print("ready", flush=True)
-netron.wait()
+try:
+    while os.getppid() == parent and netron.status():
+        time.sleep(0.3)
+except KeyboardInterrupt:
+    pass
+netron.stop()
 """
 
 
@@ -66,7 +74,7 @@ def check_model(path: str | Path) -> Path:
                                 f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'parse error'})") from None
     elif suffix in ZIP_FORMATS:
         if not zipfile.is_zipfile(path):
-            raise BnexportError(f"{path}: Netron cannot open it: a {suffix} file should be a zip archive, this is not")
+            raise BnexportError(f"{path}: Netron cannot open it: not a zip archive, which a {suffix} file must be")
     else:
         raise BnexportError(f"{path}: not a model file view knows (.onnx, {', '.join(ZIP_FORMATS)})")
     return path
@@ -164,10 +172,16 @@ def open_in_browser(served: list[ServedModel]) -> None:
         webbrowser.open(model.url)
 
 
+def _terminate(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM stops the servers the way Ctrl-C does
+
+
 def wait(served: list[ServedModel]) -> None:
-    """Block until Ctrl-C or until every server has stopped; then stop the rest."""
+    """Block until Ctrl-C (or SIGTERM) or until every server has stopped; then stop the rest."""
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         while any(model.process.poll() is None for model in served):
             time.sleep(0.2)
     finally:
         stop(served)
+        signal.signal(signal.SIGTERM, previous)
