@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..recording import ACCURACY_TARGET, RunCurves
+from ..recording import ACCURACY_TARGET, PROBE_IMAGES, RunCurves
 from .common import COLOR_WITH_BN, COLOR_WITHOUT_BN, mark_epochs, message_figure, new_figure, save_figure, smooth
 
 
@@ -25,7 +25,7 @@ class RunEffect:
     batch_norm: bool
     accuracy_after_epoch_1: float | None
     final_accuracy: float | None
-    steps_to_target: int | None  # first probed step with test accuracy ≥ target; None: never
+    steps_to_target: int | None  # first probed step with test accuracy ≥ target; None: never (RunCurves.steps_to_reach)
     target: float
     total_steps: int
     train_seconds: float | None
@@ -78,7 +78,8 @@ def plot_training_curves(runs: list[RunCurves], path: str | Path, *, target: flo
                        label=f"{run.label}, mean of last {window} steps")
         if run.accuracy_steps:
             accuracy_axes.plot(run.accuracy_steps, np.asarray(run.accuracy_probe) * 100, color=color, linewidth=1.0,
-                               alpha=0.7, label=f"{run.label}, every {run.accuracy_steps[0]} steps")
+                               alpha=0.7, label=f"{run.label}, every {run.accuracy_steps[0]} steps "
+                                                 f"({PROBE_IMAGES} test images)")
         accuracy_axes.plot(run.epoch_end_step, np.asarray(run.test_accuracy) * 100, "o", color=color, markersize=7,
                            label=f"{run.label}, end of each epoch")
     mark_epochs(loss_axes, runs[0].epoch_end_step)

@@ -90,6 +90,8 @@ def test_training_effect_and_curves(tmp_path):
     assert [e.batch_norm for e in effects] == [True, False]
     assert effects[0].accuracy_after_epoch_1 == 0.93 and effects[0].steps_to_target == 15
     assert effects[1].steps_to_target == 30 and effects[1].total_steps == 40
+    unprobed = RunCurves(batch_norm=True, step_loss=[1.0] * 40, epoch_end_step=[20, 40], test_accuracy=[0.8, 0.95])
+    assert unprobed.steps_to_reach(0.9) == 40  # nothing probed: epoch ends decide
     never = curves(False, [0.5, 0.6], [0.1] * 8)
     assert never.steps_to_reach(0.9) is None
     assert "never 90%" in training.describe_effect(training.training_effect([never]))[0]
