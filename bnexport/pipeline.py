@@ -27,7 +27,6 @@ from .parity import (ParityReport, eager_runner, exported_program_runner, onnxru
 from .recording import TrainingRecorder, total_steps, train_twin
 from .tables import format_table
 from .train import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, train
-from .visualize import visualize
 
 FILE_DESCRIPTIONS = {
     ARTIFACTS.checkpoint: "trained weights, optimizer state, config and library versions (torch.load weights_only=True)",
@@ -211,6 +210,8 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
         onnx_ops=ops, parity_passed=parity.passed, stage_seconds=seconds,
     )
     write_json(out / ARTIFACTS.summary, summary.to_json())
+    from .visualize import visualize  # matplotlib is needed by this stage only, not by `train`
+
     with _timed(seconds, "visualize"):
         figures = visualize(out, figure_format=figure_format)
     summary.stage_seconds = seconds
