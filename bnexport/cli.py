@@ -115,7 +115,7 @@ def port_number(text: str) -> int:
 
 
 def add_view_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("models", nargs="+", type=Path, metavar="MODEL", help="model files (.onnx; also .ts, .pt2)")
+    parser.add_argument("models", nargs="+", type=Path, metavar="MODEL", help="ONNX model files")
     parser.add_argument("--port", type=port_number, default=8080,
                         help="port of the first model; the others take the next ones; 0 picks free ports (default: %(default)s)")
     parser.add_argument("--no-browser", action="store_true", help="print the URLs without opening a browser")

@@ -18,7 +18,6 @@ import sys
 import time
 import urllib.request
 import webbrowser
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +26,6 @@ from .errors import BnexportError
 HOST = "127.0.0.1"  # loopback only: a model is not published to the network by accident
 DEFAULT_PORT = 8080  # netron's own default
 START_TIMEOUT_S = 20.0
-ZIP_FORMATS = (".ts", ".pt2", ".pt", ".pth")  # TorchScript and torch.export archives are zip files
 
 # The child: serve one file, say so, and serve until Ctrl-C or until its parent is gone,
 # so a killed ``bnexport view`` never leaves a server behind.
@@ -63,20 +61,18 @@ def check_model(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise BnexportError(f"{path}: file not found")
-    suffix = path.suffix.lower()
-    if suffix == ".onnx":
-        import onnx
+    if path.suffix.lower() != ".onnx":
+        # Netron 9.3's page stayed blank on bnexport's model.ts and model.pt2: serve only what it shows.
+        raise BnexportError(f"{path}: view serves ONNX models (.onnx), not {path.suffix or 'files without a suffix'}")
+    import onnx
 
-        try:
-            onnx.load(str(path), load_external_data=False)
-        except Exception as err:  # protobuf's DecodeError and onnx's own errors
-            raise BnexportError(f"{path}: Netron cannot open it: not a readable ONNX model "
-                                f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'parse error'})") from None
-    elif suffix in ZIP_FORMATS:
-        if not zipfile.is_zipfile(path):
-            raise BnexportError(f"{path}: Netron cannot open it: not a zip archive, which a {suffix} file must be")
-    else:
-        raise BnexportError(f"{path}: not a model file view knows (.onnx, {', '.join(ZIP_FORMATS)})")
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and onnx's own errors
+        raise BnexportError(f"{path}: Netron cannot open it: not a readable ONNX model "
+                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'parse error'})") from None
+    if not model.graph.node:  # an empty file parses as an empty ModelProto
+        raise BnexportError(f"{path}: Netron cannot open it: no graph in it (empty or not an ONNX model)")
     return path
 
 
