@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import read_json
+from .artifacts import prepare_out_dir, read_json
 from .config import ARTIFACTS, TrainConfig
 from .data import load_dataset, parity_batch
 from .errors import BnexportError
@@ -103,8 +103,7 @@ def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_f
     with np.load(out / ARTIFACTS.parity_outputs) as archive:
         outputs = {name: archive[name] for name in archive.files}
 
-    figures_dir = out / ARTIFACTS.figures
-    figures_dir.mkdir(exist_ok=True)
+    prepare_out_dir(out / ARTIFACTS.figures)  # one clear line if the folder cannot be written
     result = VisualizeResult(out)
 
     def add(stem: str, title: str, caption: str, draw) -> None:
@@ -145,13 +144,11 @@ def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_f
         "Loss per optimizer step (raw and smoothed) and test accuracy, for this run and its twin trained with "
         "BatchNorm switched; same seed, data order and hyperparameters.",
         lambda path: training.plot_training_curves(runs, path))
-    graph_result: dict = {}
     add("graph_folding", "The ONNX graph before and after folding",
         f"{ARTIFACTS.onnx} with its BatchNormalization nodes in red, and {ARTIFACTS.onnx_folded} with the nodes that "
         "absorbed them in green.",
-        lambda path: graph_result.setdefault("drawings", graph.plot_folding_graphs(
-            load_onnx(out / ARTIFACTS.onnx), load_onnx(out / ARTIFACTS.onnx_folded), path,
-            names=(ARTIFACTS.onnx, ARTIFACTS.onnx_folded))[1]))
+        lambda path: graph.plot_folding_graphs(load_onnx(out / ARTIFACTS.onnx), load_onnx(out / ARTIFACTS.onnx_folded),
+                                               path, names=(ARTIFACTS.onnx, ARTIFACTS.onnx_folded)))
     comparisons = parity_figures.comparisons_from_outputs(parity, outputs)
     add("parity", "Parity: every |Δ| against the threshold",
         f"For each comparison against {parity.get('reference', 'the reference')}, every output element's absolute "

@@ -1,4 +1,4 @@
-"""What every figure shares: the Agg backend, one style, atomic saving and a few helpers."""
+"""What every figure shares: the Agg backend, one style, atomic saving, smoothing and value ranges."""
 
 from __future__ import annotations
 
@@ -92,8 +92,3 @@ def value_range(arrays: list[np.ndarray], *, low: float = 0.5, high: float = 99.
     highs = [float(np.percentile(s, high)) for s in samples if s.size]
     lo, hi = (min(lows), max(highs)) if lows else (0.0, 1.0)
     return (lo, hi) if hi > lo else (lo - 0.5, lo + 0.5)
-
-
-def channel_grid(count: int, *, max_columns: int = 4) -> tuple[int, int]:
-    columns = min(max_columns, max(1, count))
-    return -(-count // columns), columns

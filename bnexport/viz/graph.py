@@ -2,7 +2,7 @@
 
 The graph is drawn top to bottom in layers (a node's layer is the longest path from the
 input), with matplotlib alone: no Graphviz, no browser. Only the data path is drawn. The
-exporter also writes helper nodes that compute shapes and constants (the Shape → Concat
+exporter also writes nodes that only compute shapes and constants (the Shape → Concat
 → Reshape chain of ``flatten``, the Expand → CastLike zero bias of a bias-free conv);
 they are counted in the subtitle rather than drawn, so a ResNet-18 still reads as a
 ResNet-18.
@@ -26,7 +26,7 @@ from matplotlib.patches import FancyBboxPatch, Patch
 from ..fold.onnx_fold import ABSORBED_PREFIX
 from .common import new_figure, save_figure
 
-# Input slots that carry a shape or a type, not data: what flows through them is a helper.
+# Input slots that carry a shape or a type, not data: what flows only through them is not drawn.
 SHAPE_SLOTS = {
     "CastLike": {1}, "Reshape": {1}, "Expand": {1}, "Tile": {1}, "Unsqueeze": {1}, "Squeeze": {1},
     "Slice": {1, 2, 3, 4}, "Pad": {1, 2}, "Resize": {1, 2, 3}, "Upsample": {1}, "ReduceMean": {1},
@@ -57,7 +57,7 @@ class GraphDrawing:
 
     nodes: dict[str, DrawnNode]
     edges: list[tuple[str, str]]
-    hidden_helpers: int
+    hidden_shape_nodes: int
 
     def count(self, role: str) -> int:
         return sum(node.role == role for node in self.nodes.values())
@@ -205,8 +205,8 @@ def plot_folding_graphs(before: onnx.ModelProto, after: onnx.ModelProto, path: s
     ]
     for axes, drawing, subtitle in zip(grid, drawings, subtitles):
         _draw(axes, drawing, layers=layers)
-        axes.set_title(f"{subtitle}\n{len(drawing.nodes)} nodes drawn; {drawing.hidden_helpers} shape/constant "
-                       f"helpers not drawn", fontsize=9)
+        axes.set_title(f"{subtitle}\n{len(drawing.nodes)} nodes drawn; {drawing.hidden_shape_nodes} shape/constant "
+                       f"nodes not drawn", fontsize=9)
     figure.suptitle("The ONNX graph before and after BatchNorm folding")
     legend = [Patch(facecolor=ROLE_COLORS[BN], edgecolor=ROLE_EDGES[BN], label="BatchNormalization"),
               Patch(facecolor=ROLE_COLORS[ABSORBED], edgecolor=ROLE_EDGES[ABSORBED], label="absorbed a BatchNorm (⊕ BN)"),

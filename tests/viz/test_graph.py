@@ -25,10 +25,10 @@ def test_simplecnn_drawing(simplecnn_graphs):
     assert drawn_before.count(BN) == 1 and drawn_before.count(ABSORBED) == 0
     assert drawn_after.count(BN) == 0 and drawn_after.count(ABSORBED) == 1
     assert drawn_before.count(IO) == 2
-    # input, Conv, BN, Relu, MaxPool, Reshape, Gemm, output: one chain; flatten's shape helpers hidden
+    # input, Conv, BN, Relu, MaxPool, Reshape, Gemm, output: one chain; flatten's shape nodes hidden
     assert [n.label.split()[0] for n in sorted(drawn_before.nodes.values(), key=lambda n: n.layer)] == \
         ["input", "Conv", "BatchNormalization", "Relu", "MaxPool", "Reshape", "Gemm", "output"]
-    assert drawn_before.width == 1 and drawn_before.hidden_helpers > 0
+    assert drawn_before.width == 1 and drawn_before.hidden_shape_nodes > 0
     [absorber] = [n for n in drawn_after.nodes.values() if n.role == ABSORBED]
     assert absorber.label == "Conv 16×1×3×3 ⊕ BN"
     bn_name = next(n.name for n in before.graph.node if n.op_type == "BatchNormalization")
