@@ -154,7 +154,7 @@ def render_report(*, figures, health, effects, config: dict, dataset: dict, hist
     parts.append("<h2 id='bn-health'>BatchNorm health</h2>")
     if health:
         parts.append("<p>Dead: |γ| ≤ 1e-5 or running variance ≤ ε. Float16: a folded weight or bias that is infinite "
-                     "in float16, or non-zero and rounded to 0.</p>")
+                     "in float16, or that float16 held before the fold and rounds to 0 after it.</p>")
         parts.append(_table(
             ("BN layer", "channels", "folds into", "|γ/√(σ²+ε)| min – max", "dead channels", "float16 overflow",
              "float16 underflow", "verdict"),

@@ -6,8 +6,9 @@ wrong, and both show up here per channel:
 * **dead channels**: γ≈0 (the channel is multiplied away) or σ²≈0 (its input never varied
   in training, so ε, not the data, sets s);
 * **float16 range**: a folded weight w·s or bias (b−μ)·s+β that is infinite in float16
-  (|x| > 65504) or a non-zero one that rounds to 0 in float16 (|x| < 2⁻²⁵). A model folded
-  in float32 and then converted to half precision breaks on exactly these channels.
+  (|x| > 65504), or one that float16 held before the fold and rounds to 0 after it
+  (|x| < 2⁻²⁵). A model folded in float32 and then converted to half precision breaks on
+  exactly these channels.
 """
 
 from __future__ import annotations
@@ -61,13 +62,18 @@ class LayerHealth:
         return {**asdict(self), "channels": self.channels, "healthy": self.healthy}
 
 
-def _fp16_problems(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row (output channel): does any value overflow, does any non-zero value vanish, in float16."""
-    rows = values.reshape(values.shape[0], -1)
+def _fp16_problems(folded: np.ndarray, unfolded: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row (output channel): does a folded value overflow float16, and does folding make a value vanish in it.
+
+    Underflow counts only values that float16 holds before the fold and rounds to 0 after it:
+    a big layer always has a few initial weights too small for float16, and the fold is not
+    to blame for those.
+    """
+    rows, before = folded.reshape(folded.shape[0], -1), unfolded.reshape(unfolded.shape[0], -1)
     with np.errstate(over="ignore"):
-        half = rows.astype(np.float16)
+        half, half_before = rows.astype(np.float16), before.astype(np.float16)
     overflow = np.isinf(half).any(axis=1) & np.isfinite(rows).all(axis=1)
-    underflow = ((half == 0) & (rows != 0)).any(axis=1)
+    underflow = ((half == 0) & (rows != 0) & (half_before != 0)).any(axis=1)  # γ=0 zeros are exact, not lost
     return overflow, underflow
 
 
@@ -86,9 +92,11 @@ def layer_health(name: str, bn: nn.Module, conv: nn.Module | None = None, *, con
         bias = conv.bias.detach().double().numpy() if conv.bias is not None else np.zeros_like(mean)
         folded_weight = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
         folded = np.concatenate([folded_weight.reshape(len(scale), -1), (bias * scale + shift)[:, None]], axis=1)
-    else:
+        unfolded = np.concatenate([weight.reshape(len(scale), -1), bias[:, None]], axis=1)
+    else:  # BN on its own: y·s + t against the identity it replaces
         folded = np.stack([scale, shift], axis=1)
-    overflow, underflow = _fp16_problems(folded)
+        unfolded = np.ones_like(folded)
+    overflow, underflow = _fp16_problems(folded, unfolded)
     return LayerHealth(
         name=name, eps=float(bn.eps), folds_into=conv_name if conv is not None else None,
         running_mean=mean.tolist(), running_var=var.tolist(), gamma=gamma.tolist(), beta=beta.tolist(),

@@ -71,3 +71,11 @@ def test_parameter_figure_flags_and_message(tmp_path):
     assert width >= 8 * PNG_DPI and height >= 8 * PNG_DPI
     empty = plot_bn_parameters([], tmp_path / "none.png")
     assert Image.open(empty).size[0] > 0
+
+
+def test_weights_already_too_small_for_float16_are_not_blamed_on_the_fold():
+    conv = nn.Conv2d(1, 1, 1)
+    bn = nn.BatchNorm2d(1).eval()  # s = 1/√(1+ε): folding changes almost nothing
+    with torch.no_grad():
+        conv.weight.fill_(1e-9)  # 0 in float16 before any fold
+    assert layer_health("bn", bn, conv).fp16_underflow == []
