@@ -15,11 +15,13 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import webbrowser
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from .errors import BnexportError
 
@@ -50,6 +52,7 @@ class ServedModel:
     path: Path
     port: int
     process: subprocess.Popen
+    error_log: IO[str]  # the child's stderr
 
     @property
     def url(self) -> str:
@@ -118,6 +121,8 @@ def _stop(process: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    if process.stdout is not None:
+        process.stdout.close()
 
 
 def start(models: list[str | Path], *, port: int = DEFAULT_PORT) -> list[ServedModel]:
@@ -127,9 +132,12 @@ def start(models: list[str | Path], *, port: int = DEFAULT_PORT) -> list[ServedM
     served: list[ServedModel] = []
     try:
         for path, number in zip(paths, ports):
+            # stderr to a file, not a pipe: nobody reads a pipe while serving, and http.server writes
+            # a traceback there for every dropped connection until a full pipe would block it
+            errors = tempfile.TemporaryFile(mode="w+")
             process = subprocess.Popen([sys.executable, "-c", _CHILD, str(path.resolve()), HOST, str(number)],
-                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            served.append(ServedModel(path, number, process))
+                                       stdout=subprocess.PIPE, stderr=errors, text=True)
+            served.append(ServedModel(path, number, process, errors))
             _wait_ready(served[-1])
         for model in served:  # each port must serve its own file, byte for byte
             expected = hashlib.sha256(model.path.read_bytes()).hexdigest()
@@ -146,7 +154,8 @@ def _wait_ready(model: ServedModel) -> None:
     line = model.process.stdout.readline()  # "ready", or "" when the child died
     if line.strip() != "ready":
         _stop(model.process)
-        errors = [text for text in model.process.stderr.read().strip().splitlines() if text.strip()]
+        model.error_log.seek(0)
+        errors = [text for text in model.error_log.read().strip().splitlines() if text.strip()]
         reason = errors[-1] if errors else f"exit status {model.process.returncode}"
         raise BnexportError(f"{HOST}:{model.port}: Netron could not serve {model.path}: {reason[:200]}")
     while time.monotonic() < deadline:
@@ -161,6 +170,7 @@ def _wait_ready(model: ServedModel) -> None:
 def stop(served: list[ServedModel]) -> None:
     for model in served:
         _stop(model.process)
+        model.error_log.close()
 
 
 def open_in_browser(served: list[ServedModel]) -> None:
