@@ -214,7 +214,6 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
 
     with _timed(seconds, "visualize"):
         figures = visualize(out, figure_format=figure_format)
-    summary.stage_seconds = seconds
     write_json(out / ARTIFACTS.summary, summary.to_json())
     write_manifest(out, {**FILE_DESCRIPTIONS, **figures.descriptions()}, name=ARTIFACTS.manifest)
     return summary, parity
