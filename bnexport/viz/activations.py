@@ -102,9 +102,8 @@ def plot_activation_distributions(layers: list[LayerActivations], path: str | Pa
 
         gap = layer.gap_per_channel()
         right.bar(np.arange(len(gap)), gap, color=COLOR_TRAIN)
-        right.set_title(f"{layer.name}: train-mode vs eval-mode output")
+        right.set_title(f"{layer.name}: train-mode vs eval-mode output\n(largest gap {gap.max():.3g}, channel "
+                        f"{int(gap.argmax())})")
         right.set_xlabel("channel")
         right.set_ylabel("mean |train − eval|")
-        right.text(0.98, 0.95, f"largest: {gap.max():.3g} (ch {int(gap.argmax())})", ha="right", va="top",
-                   transform=right.transAxes)
     return save_figure(figure, path)
