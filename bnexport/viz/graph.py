@@ -157,7 +157,8 @@ def _layout(drawing: GraphDrawing) -> None:
             drawing.nodes[key].x = float(x + shift)
 
 
-def _draw(axes, drawing: GraphDrawing, *, layers: int) -> None:
+def _draw(axes, drawing: GraphDrawing, *, layers: int) -> int:
+    """Draw ``drawing`` on ``axes``; return how many edges were routed around boxes (skip connections)."""
     xs = [node.x for node in drawing.nodes.values()]
     low, high = min(xs) - 0.6, max(xs) + 0.9
     axes.set_xlim(low, high)
@@ -166,11 +167,13 @@ def _draw(axes, drawing: GraphDrawing, *, layers: int) -> None:
     by_layer: dict[int, list[DrawnNode]] = {}
     for node in drawing.nodes.values():
         by_layer.setdefault(node.layer, []).append(node)
+    skips = 0
     for source, target in drawing.edges:
         a, b = drawing.nodes[source], drawing.nodes[target]
         y0, y1 = -a.layer - BOX_HEIGHT / 2, -b.layer + BOX_HEIGHT / 2
         blocked = any(abs(n.x - a.x) < 0.5 for layer in range(a.layer + 1, b.layer) for n in by_layer.get(layer, []))
         if blocked:  # a skip connection: route it around the boxes it would cross
+            skips += 1
             side = max(n.x for layer in range(a.layer + 1, b.layer) for n in by_layer.get(layer, [])) + 0.62
             points = [(a.x + BOX_WIDTH / 2, -a.layer), (side, -a.layer - 0.5), (side, -b.layer + 0.5),
                       (b.x + BOX_WIDTH / 2 * 0.6, y1 - 0.02)]
@@ -188,6 +191,7 @@ def _draw(axes, drawing: GraphDrawing, *, layers: int) -> None:
         axes.add_patch(box)
         axes.text(node.x, -node.layer, node.label, ha="center", va="center", fontsize=7, zorder=3,
                   fontweight="bold" if node.role in (BN, ABSORBED) else "normal")
+    return skips
 
 
 def plot_folding_graphs(before: onnx.ModelProto, after: onnx.ModelProto, path: str | Path, *,
@@ -203,15 +207,17 @@ def plot_folding_graphs(before: onnx.ModelProto, after: onnx.ModelProto, path: s
         f"{names[1]}: {drawings[1].count(ABSORBED)} absorbed a BatchNorm (green)"
         + (f", {drawings[1].count(BN)} BatchNorm left" if drawings[1].count(BN) else ""),
     ]
+    skips = 0
     for axes, drawing, subtitle in zip(grid, drawings, subtitles):
-        _draw(axes, drawing, layers=layers)
+        skips += _draw(axes, drawing, layers=layers)
         axes.set_title(f"{subtitle}\n{len(drawing.nodes)} nodes drawn; {drawing.hidden_shape_nodes} shape/constant "
                        f"nodes not drawn", fontsize=9)
     figure.suptitle("The ONNX graph before and after BatchNorm folding")
     legend = [Patch(facecolor=ROLE_COLORS[BN], edgecolor=ROLE_EDGES[BN], label="BatchNormalization"),
               Patch(facecolor=ROLE_COLORS[ABSORBED], edgecolor=ROLE_EDGES[ABSORBED], label="absorbed a BatchNorm (⊕ BN)"),
               Patch(facecolor=ROLE_COLORS[OP], edgecolor=ROLE_EDGES[OP], label="other operator"),
-              Patch(facecolor=ROLE_COLORS[IO], edgecolor=ROLE_EDGES[IO], label="graph input / output"),
-              Line2D([], [], color="#777777", label="skip connection")]
+              Patch(facecolor=ROLE_COLORS[IO], edgecolor=ROLE_EDGES[IO], label="graph input / output")]
+    if skips:
+        legend.append(Line2D([], [], color="#777777", label="skip connection"))
     figure.legend(handles=legend, loc="outside lower center", ncols=3)
     return save_figure(figure, path), drawings
