@@ -106,6 +106,35 @@ def add_distributed_arguments(parser: argparse.ArgumentParser) -> None:
                        help="under torchrun, how long a rank waits for the others before it stops (default: %(default)g)")
 
 
+def add_comparison_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--skip-no-bn", action="store_true",
+                        help="skip the twin run with BatchNorm switched that the training-curves figure compares against")
+
+
+def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR,
+                        help="folder of a train-and-export run; figures go to OUT/figures (default: %(default)s)")
+    parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to draw (default: OUT/checkpoint.pt)")
+    parser.add_argument("--format", choices=("png", "svg"), default="png", help="figure format (default: %(default)s)")
+
+
+def port_number(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port number 0-65535, got {value}")
+    return value
+
+
+def add_view_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("models", nargs="+", type=Path, metavar="MODEL", help="ONNX model files")
+    parser.add_argument("--port", type=port_number, default=8080,
+                        help="port of the first model; the others take the next ones; 0 picks free ports (default: %(default)s)")
+    parser.add_argument("--no-browser", action="store_true", help="print the URLs without opening a browser")
+
+
 def add_tolerance_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--atol", type=non_negative_float, default=DEFAULT_ATOL, help="absolute tolerance (default: %(default)g)")
     parser.add_argument("--rtol", type=non_negative_float, default=DEFAULT_RTOL,
@@ -156,7 +185,8 @@ def cmd_train_and_export(args: argparse.Namespace) -> int:
     with replicas_for(config, args) as replicas:
         out = replicas.together(lambda: prepare_out_dir(args.out), main_only=True) or args.out
         summary, parity = train_and_export(config, out, resume=args.resume, progress=not args.quiet,
-                                           tolerance=Tolerance(args.atol, args.rtol), replicas=replicas)
+                                           tolerance=Tolerance(args.atol, args.rtol), compare_bn=not args.skip_no_bn,
+                                           replicas=replicas)
     if summary is None or parity is None:  # a rank other than 0: rank 0 reports
         return EXIT_OK
     print(parity.table())
@@ -192,10 +222,41 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_visualize(args: argparse.Namespace) -> int:
+    """Draw the figures of a train-and-export run into OUT/figures and write OUT/report.html."""
+    from .visualize import update_manifest, visualize
+
+    result = visualize(args.out, checkpoint=args.checkpoint, figure_format=args.format)
+    update_manifest(args.out, result)
+    print(result.table())
+    print(f"report: {result.report}")
+    return EXIT_OK
+
+
+def cmd_view(args: argparse.Namespace) -> int:
+    """Serve models in Netron on 127.0.0.1, one port each, until Ctrl-C."""
+    from . import view
+
+    served = view.start(args.models, port=args.port)
+    for model in served:
+        print(f"serving {model.path} at {model.url}", flush=True)
+    print("Ctrl-C stops", flush=True)
+    if not args.no_browser:
+        view.open_in_browser(served)
+    try:
+        view.wait(served)
+    except KeyboardInterrupt:
+        print("stopped", flush=True)
+    return EXIT_OK
+
+
 COMMANDS = {
     "train": (cmd_train, [add_training_arguments, add_distributed_arguments]),
-    "train-and-export": (cmd_train_and_export, [add_training_arguments, add_distributed_arguments, add_tolerance_arguments]),
+    "train-and-export": (cmd_train_and_export, [add_training_arguments, add_distributed_arguments, add_tolerance_arguments,
+                                               add_comparison_arguments]),
     "recalibrate": (cmd_recalibrate, [add_recalibrate_arguments]),
+    "visualize": (cmd_visualize, [add_visualize_arguments]),
+    "view": (cmd_view, [add_view_arguments]),
 }
 
 

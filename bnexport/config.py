@@ -42,6 +42,11 @@ class ArtifactNames:
     fold_report: str = "fold.json"
     summary: str = "summary.json"
     manifest: str = "manifest.json"
+    bn_stats: str = "bn_stats.json"  # batch vs running BN statistics, step by step
+    training_curves: str = "training_curves.json"  # loss and accuracy of the run and its BN/no-BN twin
+    parity_outputs: str = "parity_outputs.npz"  # every runner's raw output on the parity batch
+    figures: str = "figures"  # folder of the visualize command's figures
+    report: str = "report.html"
 
 
 ARTIFACTS = ArtifactNames()

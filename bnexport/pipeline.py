@@ -11,11 +11,12 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import onnx
 import torch
 
 from . import export as exporters
-from .artifacts import library_versions, write_json, write_manifest
+from .artifacts import atomic_path, library_versions, write_json, write_manifest
 from .config import ARTIFACTS, DEFAULT_TOLERANCE, PARITY_BATCH_SIZE, Tolerance, TrainConfig
 from .data import Dataset, load_dataset, parity_batch
 from .distributed import Replicas
@@ -24,6 +25,7 @@ from .fold import fold_module, fold_onnx
 from .model import count_batchnorm
 from .parity import (ParityReport, eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
                      run_parity, torchscript_runner)
+from .recording import TrainingRecorder, total_steps, train_twin
 from .tables import format_table
 from .train import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, train
 
@@ -38,6 +40,10 @@ FILE_DESCRIPTIONS = {
     ARTIFACTS.fold_report: "per-BatchNorm fold decisions, torch and ONNX",
     ARTIFACTS.parity: "numerical parity of every export against eager, seeded batch",
     ARTIFACTS.summary: "dataset, accuracy, folded BN count, parity verdict, seconds per stage",
+    ARTIFACTS.bn_stats: "per-step batch statistics and running statistics of each BatchNorm (first 16 channels)",
+    ARTIFACTS.training_curves: "loss and test accuracy of this run and of its twin trained with BatchNorm switched",
+    ARTIFACTS.parity_outputs: "raw outputs of the reference and of every parity candidate on the parity batch",
+    ARTIFACTS.report: "one-page HTML report: config, accuracy, parity, folding, BN health, every figure",
 }
 
 
@@ -117,9 +123,14 @@ def replicas_line(record: dict) -> str:
 
 
 def run_training(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True,
-                 seconds: dict[str, float] | None = None, replicas: Replicas | None = None) -> tuple[TrainState, Dataset]:
-    """Train (or resume) and write the checkpoint and history.json into ``out`` (rank 0 only)."""
+                 seconds: dict[str, float] | None = None, replicas: Replicas | None = None,
+                 recorder: TrainingRecorder | None = None) -> tuple[TrainState, Dataset]:
+    """Train (or resume) and write the checkpoint and history.json into ``out`` (rank 0 only).
+
+    With ``recorder`` rank 0 also writes bn_stats.json (when the model has BatchNorm).
+    """
     replicas = replicas or Replicas()
+    recorder = recorder if replicas.is_main else None
     validate_config(config)
     replicas.check_same("arguments", config.to_json())
     seconds = {} if seconds is None else seconds
@@ -131,10 +142,18 @@ def run_training(config: TrainConfig, out: Path, *, resume: str | Path | None = 
             state = replicas.together(lambda: resume_state(load_checkpoint(resume), config, dataset, path=resume))
         else:
             state = new_state(config, dataset)
-        train(state, dataset, progress=progress and replicas.is_main, replicas=replicas)
+        if recorder is not None:
+            recorder.attach(state.model, dataset, total_steps=total_steps(config, dataset))
+        try:
+            train(state, dataset, progress=progress and replicas.is_main, on_step=recorder, replicas=replicas)
+        finally:
+            if recorder is not None:
+                recorder.close()
         if replicas.is_main:
             save_checkpoint(state, out / ARTIFACTS.checkpoint)
             write_json(out / ARTIFACTS.history, {**state.history.to_json(), "config": config.to_json()})
+    if recorder is not None and recorder.stats.layers:
+        write_json(out / ARTIFACTS.bn_stats, recorder.bn_stats(state.history).to_json())
     return state, dataset
 
 
@@ -184,21 +203,44 @@ def check_exports(model: torch.nn.Module, out: Path, inputs: torch.Tensor, *, se
         cuda = onnxruntime_cuda_runner(out / name)
         if cuda is not None:
             candidates[f"ORT {name} (CUDA)"] = cuda
-    report = run_parity(eager_runner(model), candidates, inputs.numpy(), reference_name="eager (BatchNorm kept)",
-                        seed=seed, tolerance=tolerance)
+    outputs: dict[str, np.ndarray] = {}
+
+    def keeping_output(name: str, runner):  # the parity figure needs every |Δ|, not only the summary
+        def run(batch: np.ndarray) -> np.ndarray:
+            outputs[name] = runner(batch)
+            return outputs[name]
+        return run
+
+    report = run_parity(keeping_output("reference", eager_runner(model)),
+                        {name: keeping_output(name, runner) for name, runner in candidates.items()},
+                        inputs.numpy(), reference_name="eager (BatchNorm kept)", seed=seed, tolerance=tolerance)
     write_json(out / ARTIFACTS.parity, report.to_json())
+    with atomic_path(out / ARTIFACTS.parity_outputs) as tmp, open(tmp, "wb") as handle:
+        np.savez_compressed(handle, **outputs)
     return report
 
 
 def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True,
-                     tolerance: Tolerance = DEFAULT_TOLERANCE,
+                     tolerance: Tolerance = DEFAULT_TOLERANCE, compare_bn: bool = True,
+                     figure_format: str = "png",
                      replicas: Replicas | None = None) -> tuple[RunSummary | None, ParityReport | None]:
     """The main job. Under torchrun every rank trains; rank 0 alone exports, checks and writes
-    (the others return (None, None) once the statistics are pooled)."""
+    (the others return (None, None) once the statistics are pooled). ``compare_bn`` also trains
+    the twin with BatchNorm switched, for the curves figure."""
     seconds: dict[str, float] = {}
-    state, dataset = run_training(config, out, resume=resume, progress=progress, seconds=seconds, replicas=replicas)
+    recorder = TrainingRecorder()
+    state, dataset = run_training(config, out, resume=resume, progress=progress, seconds=seconds,
+                                  replicas=replicas, recorder=recorder)
     if replicas is not None and not replicas.is_main:
         return None, None
+    runs = [recorder.curves(state.history, batch_norm=config.batch_norm)]
+    if compare_bn:
+        with _timed(seconds, "compare"):
+            if progress:
+                print(f"training the same run {'without' if config.batch_norm else 'with'} BatchNorm for comparison "
+                      f"(--skip-no-bn skips it)", flush=True)
+            runs.append(train_twin(config, dataset, progress=progress))
+    write_json(out / ARTIFACTS.training_curves, {"config": config.to_json(), "runs": [run.to_json() for run in runs]})
     model = state.model.eval()
     inputs = parity_batch(dataset, seed=config.seed, size=PARITY_BATCH_SIZE)
     with _timed(seconds, "export"):
@@ -212,7 +254,12 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
         onnx_ops=ops, parity_passed=parity.passed, stage_seconds=seconds, replicas=replicas_record(replicas),
     )
     write_json(out / ARTIFACTS.summary, summary.to_json())
-    write_manifest(out, FILE_DESCRIPTIONS, name=ARTIFACTS.manifest)
+    from .visualize import visualize  # matplotlib is needed by this stage only, not by `train`
+
+    with _timed(seconds, "visualize"):
+        figures = visualize(out, figure_format=figure_format)
+    write_json(out / ARTIFACTS.summary, summary.to_json())
+    write_manifest(out, {**FILE_DESCRIPTIONS, **figures.descriptions()}, name=ARTIFACTS.manifest)
     return summary, parity
 
 

@@ -24,7 +24,7 @@ def test_summary_and_parity(tiny_run):
     assert summary["dataset"]["name"] == "bundled" and summary["epochs"] == 2
     assert summary["batchnorm_layers"] == 1 and summary["batchnorm_folded"] == 1
     assert summary["parity"] == "pass"
-    assert set(summary["stage_seconds"]) == {"data", "train", "export", "parity"}
+    assert set(summary["stage_seconds"]) == {"data", "train", "compare", "export", "parity", "visualize"}
     assert summary["onnx_ops"]["model.onnx"]["BatchNormalization"] == 1
     assert "BatchNormalization" not in summary["onnx_ops"]["model.folded.onnx"]
     assert summary["versions"]["torch"] == torch.__version__
@@ -75,9 +75,10 @@ def test_help_lists_the_subcommands():
     result = run_bnexport("--help")
     assert result.returncode == 0
     assert "train-and-export" in result.stdout and "train" in result.stdout
+    assert "visualize" in result.stdout and "view" in result.stdout
     sub = run_bnexport("train-and-export", "--help")
     for flag in ["--dataset", "--data-root", "--download", "--epochs", "--batch-size", "--lr", "--seed", "--out",
-                 "--resume", "--atol", "--rtol", "--no-bn"]:
+                 "--resume", "--atol", "--rtol", "--no-bn", "--skip-no-bn"]:
         assert flag in sub.stdout
 
 

@@ -1,0 +1,179 @@
+"""The viz stage: read a run's artifacts, write every figure and report.html.
+
+``visualize(out)`` needs what ``train-and-export`` wrote into ``out`` (the checkpoint, both
+ONNX files, fold.json, parity.json and parity_outputs.npz); bn_stats.json and
+training_curves.json are used when present. Each figure is a pure function in
+``bnexport/viz``; this module only loads the inputs, calls them and names the files.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .artifacts import prepare_out_dir, read_json
+from .config import ARTIFACTS, TrainConfig
+from .data import load_dataset, parity_batch
+from .errors import BnexportError
+from .fold import load_onnx
+from .recording import BNStats, RunCurves
+from .report import write_report
+from .tables import format_table
+from .train import History, load_checkpoint, model_from_checkpoint
+from .viz import (bn_layer, bn_params, graph, parity as parity_figures, running_stats, training,
+                  activations as activation_figures)
+from .viz.common import FORMATS
+
+VIZ_BATCH_SIZE = 256  # test images pushed through the model for the activation figures: ~200k values a channel
+REQUIRED = (ARTIFACTS.onnx, ARTIFACTS.onnx_folded, ARTIFACTS.fold_report, ARTIFACTS.parity, ARTIFACTS.parity_outputs)
+
+
+@dataclass
+class FigureFile:
+    file: str  # relative to the output folder, as report.html links it
+    title: str
+    caption: str
+
+
+@dataclass
+class VisualizeResult:
+    out: Path
+    figures: list[FigureFile] = field(default_factory=list)
+    health: list[bn_params.LayerHealth] = field(default_factory=list)
+    effects: list[training.RunEffect] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def report(self) -> Path:
+        return self.out / ARTIFACTS.report
+
+    def descriptions(self) -> dict[str, str]:
+        """Manifest entries for the figures."""
+        return {figure.file: f"figure: {figure.title}" for figure in self.figures}
+
+    def table(self) -> str:
+        rows = [("figure", "what")] + [(f.file, f.title) for f in self.figures]
+        return format_table(rows) + f"\n{len(self.figures)} figures and {ARTIFACTS.report} in {self.seconds:.1f}s"
+
+
+def _require(path: Path, hint: str) -> Path:
+    if not path.is_file():
+        raise BnexportError(f"{path}: not found; {hint}")
+    return path
+
+
+def _optional_json(path: Path) -> dict | None:
+    return read_json(path) if path.is_file() else None
+
+
+def training_runs(out: Path, history: History, config: TrainConfig) -> list[RunCurves]:
+    """training_curves.json when the run wrote it; otherwise the checkpoint's own history."""
+    data = _optional_json(out / ARTIFACTS.training_curves)
+    if data and data.get("runs"):
+        return [RunCurves.from_json(run) for run in data["runs"]]
+    return [RunCurves(batch_norm=config.batch_norm, step_loss=history.step_loss,
+                      epoch_end_step=history.epoch_end_step, test_accuracy=history.test_accuracy)]
+
+
+def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_format: str = "png") -> VisualizeResult:
+    """Write every figure into ``out/figures`` and ``out/report.html``; return what was written."""
+    started = time.perf_counter()
+    out = Path(out)
+    if figure_format not in FORMATS:
+        raise BnexportError(f"--format must be one of {', '.join(FORMATS)}, got {figure_format!r}")
+    hint = f"run `bnexport train-and-export --out {out}` first"
+    checkpoint = _require(Path(checkpoint) if checkpoint else out / ARTIFACTS.checkpoint, hint)
+    for name in REQUIRED:
+        _require(out / name, hint)
+    payload = load_checkpoint(checkpoint)
+    model, spec = model_from_checkpoint(payload, path=checkpoint)
+    config = TrainConfig.from_json(payload["config"])
+    history = History.from_json(payload["history"])
+    dataset = load_dataset(config.dataset, data_root=config.data_root, download=False, seed=config.seed,
+                           synthetic_shape=config.synthetic_shape, synthetic_size=config.synthetic_size)
+    if tuple(dataset.image_shape) != spec.input_shape:
+        raise BnexportError(f"{checkpoint}: model expects {list(spec.input_shape)} images, "
+                            f"dataset {config.dataset} has {list(dataset.image_shape)}")
+    images = parity_batch(dataset, seed=config.seed, size=VIZ_BATCH_SIZE)
+    parity = read_json(out / ARTIFACTS.parity)
+    with np.load(out / ARTIFACTS.parity_outputs) as archive:
+        outputs = {name: archive[name] for name in archive.files}
+
+    prepare_out_dir(out / ARTIFACTS.figures)  # one clear line if the folder cannot be written
+    result = VisualizeResult(out)
+
+    def add(stem: str, title: str, caption: str, draw) -> None:
+        relative = f"{ARTIFACTS.figures}/{stem}.{figure_format}"
+        draw(out / relative)
+        result.figures.append(FigureFile(relative, title, caption))
+
+    with torch.no_grad():
+        layers = activation_figures.capture_bn_activations(model, images)
+    first = layers[0] if layers else None
+    add("bn_layer_histograms", "One BN layer's channels before and after, train and eval mode",
+        "Each channel of the first BatchNorm layer on test images: the input (blue), the output normalised with the "
+        "batch's statistics (train mode, orange) and with the running statistics (eval mode, as exported; green).",
+        lambda path: bn_layer.plot_channel_histograms(first, path))
+    add("bn_layer_channels", "One sample's channels before and after BN",
+        "Every channel of one test image drawn as its own map, before and after the first BatchNorm (eval mode).",
+        lambda path: bn_layer.plot_sample_channels(first, images[0].numpy(), path))
+    result.health = bn_params.model_health(model)
+    add("bn_parameters", "BN parameters per channel, with dead and float16-unsafe channels flagged",
+        "Running mean and variance, γ, β and the fold scale γ/√(σ²+ε) of every channel. Red crosses: dead channels "
+        "(γ≈0 or σ²≤ε); black squares: channels whose folded weights leave float16's range.",
+        lambda path: bn_params.plot_bn_parameters(result.health, path))
+    stats_json = _optional_json(out / ARTIFACTS.bn_stats)
+    stats = BNStats.from_json(stats_json) if stats_json else None
+    no_stats = ("This model has no BatchNorm layers: there are no running statistics." if not layers
+                else f"{ARTIFACTS.bn_stats} not found: train-and-export records it while training.")
+    add("bn_running_stats", "Running statistics tracking the batch statistics during training",
+        "Per training step, the mean and variance of the batch entering the first BatchNorm, and the running "
+        "estimate it keeps for eval mode.",
+        lambda path: running_stats.plot_running_statistics(stats, path, reason=no_stats))
+    add("activations", "Activations before and after every BN, and the train/eval gap",
+        "Distribution of each BatchNorm's input and outputs on test images, and per channel the mean difference "
+        "between the train-mode and eval-mode outputs.",
+        lambda path: activation_figures.plot_activation_distributions(layers, path))
+    runs = training_runs(out, history, config)
+    result.effects = training.training_effect(runs)
+    add("training_curves", "Training with and without BatchNorm",
+        "Loss per optimizer step (raw and smoothed) and test accuracy, for this run and its twin trained with "
+        "BatchNorm switched; same seed, data order and hyperparameters.",
+        lambda path: training.plot_training_curves(runs, path))
+    add("graph_folding", "The ONNX graph before and after folding",
+        f"{ARTIFACTS.onnx} with its BatchNormalization nodes in red, and {ARTIFACTS.onnx_folded} with the nodes that "
+        "absorbed them in green.",
+        lambda path: graph.plot_folding_graphs(load_onnx(out / ARTIFACTS.onnx), load_onnx(out / ARTIFACTS.onnx_folded),
+                                               path, names=(ARTIFACTS.onnx, ARTIFACTS.onnx_folded)))
+    comparisons = parity_figures.comparisons_from_outputs(parity, outputs)
+    add("parity", "Parity: every |Δ| against the threshold",
+        f"For each comparison against {parity.get('reference', 'the reference')}, every output element's absolute "
+        "difference on the parity batch, with the pass threshold in red.",
+        lambda path: parity_figures.plot_parity(comparisons, path, reference=parity.get("reference", "reference")))
+
+    write_report(
+        out, figures=result.figures, health=result.health, effects=result.effects,
+        config=config.to_json(), dataset=dataset.describe(), history=history, parity=parity,
+        fold=read_json(out / ARTIFACTS.fold_report), summary=_optional_json(out / ARTIFACTS.summary),
+        onnx_files=[out / ARTIFACTS.onnx, out / ARTIFACTS.onnx_folded],
+    )
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def update_manifest(out: str | Path, result: VisualizeResult) -> dict | None:
+    """Refresh manifest.json after a standalone visualize: same entries, new figures and report."""
+    from .artifacts import write_manifest
+
+    out = Path(out)
+    manifest_path = out / ARTIFACTS.manifest
+    if not manifest_path.is_file():
+        return None
+    descriptions = {entry["file"]: entry["description"] for entry in read_json(manifest_path).get("files", [])
+                    if not entry["file"].startswith(f"{ARTIFACTS.figures}/")}
+    descriptions[ARTIFACTS.report] = "one-page HTML report: config, accuracy, parity, folding, BN health, every figure"
+    return write_manifest(out, {**descriptions, **result.descriptions()}, name=ARTIFACTS.manifest)
