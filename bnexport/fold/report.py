@@ -25,7 +25,8 @@ class FoldRecord:
 class FoldReport:
     source: str  # "torch" or "onnx"
     records: list[FoldRecord] = field(default_factory=list)
-    parity: dict | None = None  # a ParityResult's JSON when the fold was checked
+    parity: dict | None = None  # a ParityReport's JSON when the fold was checked
+    divergence: dict | None = None  # the drill-down's first diverging layer when the check failed
 
     @property
     def folded(self) -> list[FoldRecord]:
@@ -43,6 +44,7 @@ class FoldReport:
             "kept": len(self.kept),
             "records": [asdict(r) for r in self.records],
             "parity": self.parity,
+            "divergence": self.divergence,
         }
 
     def table(self) -> str:
