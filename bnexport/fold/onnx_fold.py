@@ -216,7 +216,8 @@ def bn_parameters(index: GraphIndex, bn: onnx.NodeProto) -> tuple[np.ndarray, np
         return "outputs running statistics (training graph)"
     values = [index.constant(name) for name in bn.input[1:5]]
     if any(v is None for v in values):
-        return "scale, bias, mean or variance is not a constant"
+        missing = [role for role, v in zip(("scale", "bias", "mean", "variance"), values) if v is None]
+        return f"{', '.join(missing)} not a constant (computed in the graph, e.g. batch statistics)"
     gamma, beta, mean, var = (v.astype(np.float64) for v in values)
     eps = float(attribute(bn, "epsilon", 1e-5))
     problem = invalid_statistics(var, eps)
@@ -284,6 +285,8 @@ class Folder:
         else:  # BN → layer: the layer reads the BN's input
             position = list(absorbed_by.input).index(bn.output[0])
             index.replace_input(absorbed_by, position, bn.input[0])
+            for reader in index.metadata_readers(bn.output[0]):
+                index.replace_input(reader, list(reader.input).index(bn.output[0]), bn.input[0])
             _drop_value_info(self.model.graph, bn.output[0])
             index.producer.pop(bn.output[0], None)
         for name in bn.input:
@@ -379,8 +382,9 @@ class Folder:
     def fold_before(self, bn: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> str | onnx.NodeProto:
         """Fold into the one layer that reads the BN's output; return that layer or why not."""
         index = self.index
-        readers = index.readers.get(bn.output[0], [])
-        if index.use_count(bn.output[0]) != 1:
+        metadata = index.metadata_readers(bn.output[0])
+        readers = [r for r in index.readers.get(bn.output[0], []) if not any(r is m for m in metadata)]
+        if index.value_use_count(bn.output[0]) != 1:
             return "its output feeds several nodes" if readers else "its output is a graph output"
         layer = readers[0]
         if list(layer.input).index(bn.output[0]) != 0:
