@@ -84,17 +84,17 @@ def load_onnx(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
         raise BnexportError(f"{path}: not a readable ONNX model ({_first_line(err) or 'parse error'})") from None
     if not loaded.graph.node and not loaded.graph.output:  # protobuf parses many non-ONNX files as an empty message
         raise BnexportError(f"{path}: not an ONNX model (no graph)")
-    try:
-        onnx.checker.check_model(loaded)  # a truncated file can still parse; the checker catches what is missing
-    except Exception as err:
-        raise BnexportError(f"{path}: not a valid ONNX model ({_first_line(err)[:200]})") from None
     if uses_external_data(loaded):
         from onnx.external_data_helper import load_external_data_for_model
 
         try:
             load_external_data_for_model(loaded, str(path.parent))
-        except (FileNotFoundError, OSError, ValueError) as err:
+        except Exception as err:  # OSError, or onnx's ValidationError for a path that is not a file
             raise BnexportError(f"{path}: external data missing or unreadable ({_first_line(err)[:200]})") from None
+    try:
+        onnx.checker.check_model(loaded)  # a truncated file can still parse; the checker catches what is missing
+    except Exception as err:
+        raise BnexportError(f"{path}: not a valid ONNX model ({_first_line(err)[:200]})") from None
     return loaded
 
 

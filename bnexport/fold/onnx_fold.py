@@ -384,8 +384,10 @@ class Folder:
         index = self.index
         metadata = index.metadata_readers(bn.output[0])
         readers = [r for r in index.readers.get(bn.output[0], []) if not any(r is m for m in metadata)]
-        if index.value_use_count(bn.output[0]) != 1:
-            return "its output feeds several nodes" if readers else "its output is a graph output"
+        if bn.output[0] in index.graph_outputs:
+            return "its output is a graph output"
+        if len(readers) != 1:
+            return "its output feeds several nodes" if readers else "its output is unused"
         layer = readers[0]
         if list(layer.input).index(bn.output[0]) != 0:
             return f"it feeds the {layer.op_type}'s weight, not its data input"
