@@ -35,7 +35,7 @@ ABSORBED_PREFIX = "bnexport: absorbed BatchNormalization"
 # Ops that compute a constant from constants; followed when looking for a weight or bias,
 # and dropped once nothing reads them.
 CONSTANT_OPS = {"Constant", "Identity", "Shape", "Expand", "CastLike", "Cast", "ConstantOfShape",
-                "Concat", "Reshape", "Unsqueeze", "Squeeze", "Gather"}
+                "Concat", "Reshape", "Unsqueeze", "Squeeze", "Gather", "Transpose"}
 
 
 class GraphIndex:
@@ -184,6 +184,8 @@ def _evaluate_constant_node(index: GraphIndex, node: onnx.NodeProto) -> np.ndarr
         return np.squeeze(inputs[0], None if axes is None else tuple(int(a) for a in axes))
     if op == "Gather":
         return np.take(inputs[0], inputs[1], axis=attribute(node, "axis", 0))
+    if op == "Transpose":  # the TorchScript exporter's bias-less Linear: MatMul(x, Transpose(W))
+        return np.transpose(inputs[0], attribute(node, "perm", None))
     return None
 
 
@@ -302,12 +304,14 @@ class Folder:
         """Fold into the layer that produces the BN's input; return that layer or why not."""
         index = self.index
         layer = index.producer.get(bn.input[0])
-        if layer is None or layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "Add"):
-            return f"input comes from {layer.op_type if layer else 'a graph input'}, not Conv, ConvTranspose, Gemm or MatMul+Add"
+        if layer is None or layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "Add", "MatMul"):
+            return f"input comes from {layer.op_type if layer else 'a graph input'}, not Conv, ConvTranspose, Gemm or MatMul"
         if index.value_use_count(layer.output[0]) > 1:
             return f"the {layer.op_type}'s output feeds more than the BN"
         if layer.op_type == "Add":
             return self._fold_matmul_add_then_bn(bn, layer, scale, shift)
+        if layer.op_type == "MatMul":
+            return self._fold_matmul_then_bn(bn, layer, scale, shift)
         weight = index.constant(layer.input[1])
         bias_name = layer.input[2] if len(layer.input) > 2 else ""
         bias = index.constant(bias_name) if bias_name else None
@@ -362,6 +366,27 @@ class Folder:
         note = f"{ABSORBED_PREFIX} '{node_label(bn)}' (weight)"
         matmul.doc_string = f"{matmul.doc_string}\n{note}".strip() if matmul.doc_string else note
         return matmul
+
+    def _fold_matmul_then_bn(self, bn, matmul, scale, shift) -> str | onnx.NodeProto:
+        """A bias-less MatMul on 2-D input becomes a Gemm whose C takes the BN's shift."""
+        index = self.index
+        weight = index.constant(matmul.input[1])
+        if weight is None or weight.ndim != 2 or index.constant(matmul.input[0]) is not None:
+            return "the MatMul's weight is not a constant 2-D matrix"
+        if weight.shape[1] != len(scale):
+            return f"the MatMul has {weight.shape[1]} output channels, the BN {len(scale)}"
+        if index.rank(bn.input[0]) != 2:
+            return "BN normalises axis 1, but the MatMul's output channels are its last axis (input is not 2-D)"
+        work = _work_dtype(weight.dtype)
+        self.store(matmul, 1, weight.astype(work, copy=False) * scale.astype(work)[None, :], dtype=weight.dtype)
+        self._matmul_to_gemm(matmul, shift, dtype=weight.dtype)
+        self.remove_bn(bn, absorbed_by=matmul, after=True)
+        return matmul
+
+    def _matmul_to_gemm(self, matmul: onnx.NodeProto, bias: np.ndarray, *, dtype) -> None:
+        """MatMul(A, B) with 2-D A is Gemm(A, B, C=bias): same name, same inputs, and a bias."""
+        matmul.op_type = "Gemm"
+        self.store(matmul, 2, bias, dtype=dtype)
 
     def _matmul_and_bias(self, add: onnx.NodeProto):
         """(MatMul, its constant 2-D weight, the Add input position of the bias, the bias) or why not."""
@@ -456,18 +481,21 @@ class Folder:
             return "the MatMul's weight is not a constant 2-D matrix"
         if index.rank(bn.input[0]) != 2:
             return "BN normalises axis 1, but the MatMul reads the last axis (input is not 2-D)"
-        adds = index.readers.get(matmul.output[0], [])
-        if index.use_count(matmul.output[0]) != 1 or adds[0].op_type != "Add":
-            return "the MatMul has no bias Add of its own to take the BN's shift"
-        add = adds[0]
-        position = 1 - list(add.input).index(matmul.output[0])
-        bias = index.constant(add.input[position])
-        if bias is None or bias.ndim > 1 or bias.size not in (1, weight.shape[1]):
-            return "the MatMul's Add has no per-channel constant bias to take the BN's shift"
+        if weight.shape[0] != len(scale):
+            return f"the MatMul has {weight.shape[0]} input channels, the BN {len(scale)}"
         work = _work_dtype(weight.dtype)
-        self.store(matmul, 1, weight.astype(work, copy=False) * scale.astype(work)[:, None], dtype=weight.dtype)
+        new_weight = weight.astype(work, copy=False) * scale.astype(work)[:, None]
         added = shift @ weight.astype(np.float64)
-        self.store(add, position, np.broadcast_to(bias.astype(np.float64), added.shape) + added, dtype=bias.dtype)
+        readers = index.readers.get(matmul.output[0], [])
+        add = readers[0] if index.use_count(matmul.output[0]) == 1 and readers[0].op_type == "Add" else None
+        position = 1 - list(add.input).index(matmul.output[0]) if add is not None else None
+        bias = index.constant(add.input[position]) if add is not None else None
+        if bias is not None and bias.ndim <= 1 and bias.size in (1, weight.shape[1]):
+            self.store(matmul, 1, new_weight, dtype=weight.dtype)
+            self.store(add, position, np.broadcast_to(bias.astype(np.float64), added.shape) + added, dtype=bias.dtype)
+        else:  # no bias Add of its own: the MatMul becomes a Gemm whose C takes the shift
+            self.store(matmul, 1, new_weight, dtype=weight.dtype)
+            self._matmul_to_gemm(matmul, added, dtype=weight.dtype)
         self.remove_bn(bn, absorbed_by=matmul, after=False)
         return matmul
 
