@@ -236,12 +236,15 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
     if source.kind == "onnx":
         save_onnx(folded, output, external_data=uses_external_data(args.model))
-    elif output.suffix == ".onnx":
-        save_onnx(to_onnx(folded, torch.zeros(shape)), output)
-    elif output.suffix == ".ts":
-        export_torchscript(folded, output)
     else:
-        export_program(folded, torch.zeros(shape), output)
+        # a batch of 2 for the example: torch.export would specialise a batch of 1 and lose the dynamic axis
+        example = torch.zeros((2, *shape[1:]))
+        if output.suffix == ".onnx":
+            save_onnx(to_onnx(folded, example), output)
+        elif output.suffix == ".ts":
+            export_torchscript(folded, output)
+        else:
+            export_program(folded, example, output)
     if args.report:
         write_json(args.report, report.to_json())
     print(report.table())
