@@ -103,6 +103,7 @@ def describe_onnx(model: onnx.ModelProto) -> OnnxInfo:
 
 def _batchnorms(model: onnx.ModelProto) -> list[BatchNormInfo]:
     index = GraphIndex(model)
+    problem = "not analysed"
     try:
         _, report = fold_graph(model)
         decisions = {r.batchnorm: (r.status == "folded", f"{r.folded_into} (BN {r.position} it)" if r.status == "folded" else r.reason)
@@ -117,7 +118,7 @@ def _batchnorms(model: onnx.ModelProto) -> list[BatchNormInfo]:
         label = node_label(node)
         producer = index.producer.get(node.input[0])
         readers = index.readers.get(node.output[0], [])
-        foldable, detail = decisions.get(label, (False, problem if not decisions else "not analysed"))
+        foldable, detail = decisions.get(label, (False, problem))
         result.append(BatchNormInfo(
             name=label,
             input_from=f"{producer.op_type} {node_label(producer)}" if producer else "graph input",
