@@ -259,7 +259,7 @@ class Folder:
         array = np.ascontiguousarray(value, dtype=dtype)
         if name and name in index.initializers and index.use_count(name) == 1:
             tensor = index.initializers[name]
-            tensor.CopyFrom(numpy_helper.from_array(array, name=name))
+            _overwrite(tensor, array)
             index.set_constant(name, tensor, array)
             return
         base = f"{name or node.output[0]}_bnfolded"
@@ -267,9 +267,10 @@ class Folder:
         while new_name in index.initializers or new_name in index.producer or new_name in index.readers:
             counter += 1
             new_name = f"{base}_{counter}"
-        tensor = numpy_helper.from_array(array, name=new_name)
-        self.model.graph.initializer.append(tensor)
-        index.set_constant(new_name, self.model.graph.initializer[-1], array)
+        tensor = self.model.graph.initializer.add()
+        tensor.name = new_name
+        _overwrite(tensor, array)
+        index.set_constant(new_name, tensor, array)
         index.replace_input(node, position, new_name)
 
     def remove_bn(self, bn: onnx.NodeProto, *, absorbed_by: onnx.NodeProto, after: bool) -> None:
@@ -487,7 +488,8 @@ class Folder:
         new_weight = weight.astype(work, copy=False) * scale.astype(work)[:, None]
         added = shift @ weight.astype(np.float64)
         readers = index.readers.get(matmul.output[0], [])
-        add = readers[0] if index.use_count(matmul.output[0]) == 1 and readers[0].op_type == "Add" else None
+        sole_reader = readers[0] if len(readers) == 1 and index.use_count(matmul.output[0]) == 1 else None
+        add = sole_reader if sole_reader is not None and sole_reader.op_type == "Add" else None
         position = 1 - list(add.input).index(matmul.output[0]) if add is not None else None
         bias = index.constant(add.input[position]) if add is not None else None
         if bias is not None and bias.ndim <= 1 and bias.size in (1, weight.shape[1]):
@@ -520,6 +522,16 @@ class Folder:
         graph = self.model.graph
         _delete_where(graph.node, lambda node: id(node) in self.removed)
         remove_unused(self.model)
+
+
+def _overwrite(tensor: onnx.TensorProto, array: np.ndarray) -> None:
+    """Give ``tensor`` new values of the same dtype, as raw little-endian bytes (one copy, not three)."""
+    name = tensor.name
+    tensor.Clear()
+    tensor.name = name
+    tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
+    tensor.dims.extend(array.shape)
+    tensor.raw_data = array.astype(array.dtype.newbyteorder("<"), copy=False).tobytes()
 
 
 def _remove_by_identity(nodes: list[onnx.NodeProto], node: onnx.NodeProto) -> None:

@@ -53,8 +53,8 @@ def bn_scale_shift_of(bn: nn.modules.batchnorm._BatchNorm, *, name: str = "") ->
 
 def with_weights(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> nn.Module:
     """A copy of ``layer`` with new weight and bias, in the layer's dtype; ``layer`` is untouched."""
-    folded = copy.copy(layer)  # shallow: the parameters are replaced below, the rest is configuration
-    folded._parameters = dict(layer._parameters)
+    skip = {id(layer.weight): None, **({id(layer.bias): None} if layer.bias is not None else {})}
+    folded = copy.deepcopy(layer, memo=skip)  # everything but the two tensors about to be replaced
     dtype, grad = layer.weight.dtype, layer.weight.requires_grad
     folded.weight = nn.Parameter(weight.to(dtype), requires_grad=grad)
     folded.bias = nn.Parameter(bias.to(dtype), requires_grad=grad)
@@ -65,12 +65,19 @@ def fold_layer_bn(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm, *, bn_n
     """A new layer equal to ``bn(layer(x))`` in eval mode, for Conv, ConvTranspose and Linear."""
     scale, shift = bn_scale_shift_of(bn, name=bn_name)
     bias = layer.bias.detach().double() if layer.bias is not None else None
-    weight = layer.weight.detach().double()
+    weight = layer.weight.detach()
+    # s and t in float64; the weight is scaled in its own precision (one rounding, as with float64 then cast)
+    work_scale = scale.to(_work_dtype(weight.dtype))
     if isinstance(layer, TRANSPOSED_TYPES):
-        weight, bias = fold_into_transposed_conv(weight, bias, scale, shift, groups=layer.groups)
+        weight, _ = fold_into_transposed_conv(weight.to(work_scale.dtype), None, work_scale, shift, groups=layer.groups)
     else:
-        weight, bias = fold_into_output_channels(weight, bias, scale, shift)
+        weight, _ = fold_into_output_channels(weight.to(work_scale.dtype), None, work_scale, shift)
+    bias = shift if bias is None else bias * scale + shift
     return with_weights(layer, weight, bias)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def fold_bn_layer(bn: nn.modules.batchnorm._BatchNorm, layer: nn.Module, *, bn_name: str = "") -> nn.Module:
@@ -176,7 +183,12 @@ def propagate_shapes(graph_module: fx.GraphModule, example_input: torch.Tensor) 
 
 
 class _Sites:
-    """Which module each call site uses; a folded site of a shared module gets its own copy."""
+    """Which module each call site uses; a folded site of a shared module gets its own copy.
+
+    The traced graph module shares its submodules with the user's module until ``copy``, so
+    folded modules are attached under flat names at the root (never inside the shared
+    hierarchy) and get their dotted names back on the copy.
+    """
 
     def __init__(self, graph_module: fx.GraphModule):
         self.graph_module = graph_module
@@ -185,26 +197,59 @@ class _Sites:
         for node in graph_module.graph.nodes:
             if node.op == "call_module":
                 self.count[node.target] = self.count.get(node.target, 0) + 1
+        self.final_name: dict[str, str] = {}  # flat root name → the name it has in the folded module
+        self.created: list[nn.Module] = []
 
     def module(self, node: fx.Node) -> nn.Module:
         return self.modules[node.target]
 
     def replace(self, node: fx.Node, new_module: nn.Module, *, bn_target: str) -> str:
-        """Make ``node`` call ``new_module``: under its own name when it alone calls it, else a fresh one."""
+        """Make ``node`` call ``new_module``: under the layer's own name when it alone calls it, else a fresh one."""
         target = node.target
-        if self.count[target] > 1:  # shared: this site gets its own weights
-            self.count[target] -= 1
-            target = self._fresh_name(f"{target}_folded_{bn_target}")
-            self.count[target] = 1
-        self.graph_module.add_submodule(target, new_module)
-        self.modules[target] = new_module
-        node.target = target
-        return target
+        self.count[target] -= 1
+        if target in self.final_name.values() or self.count[target] > 0:  # shared: this site gets its own weights
+            final = self._fresh_name(f"{self.final_name.get(target, target)}_folded_{bn_target}")
+        else:
+            final = self.final_name.pop(target, target)
+        flat = self._fresh_name(f"_bnexport_{final}")
+        self.graph_module.add_submodule(flat, new_module)
+        self.modules[flat] = new_module
+        self.count[flat] = 1
+        self.final_name[flat] = final
+        self.created.append(new_module)
+        node.target = flat
+        return final
+
+    def copy(self) -> fx.GraphModule:
+        """A deep copy that shares nothing with the user's module, without copying tensors twice.
+
+        Parameters of the folded modules are new already, and those of layers no call site
+        uses any more are about to be dropped: neither is copied.
+        """
+        memo: dict[int, object] = {}
+        for module in self.created:
+            for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+                memo[id(tensor)] = tensor
+        in_use = {id(t) for name, n in self.count.items() if n > 0 for t in self.modules[name].parameters()}
+        for name, n in self.count.items():
+            if n == 0:
+                for tensor in self.modules[name].parameters(recurse=False):
+                    if id(tensor) not in in_use:
+                        memo[id(tensor)] = None
+        copied = copy.deepcopy(self.graph_module, memo)
+        for node in copied.graph.nodes:
+            if node.op == "call_module" and node.target in self.final_name:
+                flat = node.target
+                module = getattr(copied, flat)
+                delattr(copied, flat)
+                copied.add_submodule(self.final_name[flat], module)
+                node.target = self.final_name[flat]
+        return copied
 
     def _fresh_name(self, base: str) -> str:
         base = base.replace(".", "_")
         name, index = base, 0
-        while name in self.modules:
+        while name in self.modules or name in self.final_name.values():
             index += 1
             name = f"{base}_{index}"
         return name
@@ -220,8 +265,8 @@ def fold_module(module: nn.Module, *, example_input: torch.Tensor | None = None)
     training = [name for name, m in module.named_modules() if isinstance(m, BN_TYPES) and m.training]
     if training:
         raise BnexportError(f"the module is in training mode (BatchNorm '{training[0]}'); call .eval() before folding BatchNorm")
-    graph_module = trace(copy.deepcopy(module))
-    if example_input is not None:
+    graph_module = trace(module)  # shares the module's submodules until sites.copy(); nothing writes to them
+    if example_input is not None and _linear_next_to_bn(graph_module):
         propagate_shapes(graph_module, example_input)
     sites = _Sites(graph_module)
     report = FoldReport(source="torch")
@@ -233,11 +278,26 @@ def fold_module(module: nn.Module, *, example_input: torch.Tensor | None = None)
         record = _fold_site(graph_module, sites, node, equivalent)
         report.records.append(record)
 
-    graph_module.graph.lint()
-    graph_module.delete_all_unused_submodules()
-    graph_module.recompile()
-    graph_module.meta[EQUIVALENT_NODES] = equivalent
-    return graph_module.eval(), report
+    folded = sites.copy()
+    folded.graph.lint()
+    folded.delete_all_unused_submodules()
+    folded.recompile()
+    folded.meta[EQUIVALENT_NODES] = equivalent
+    return folded.eval(), report
+
+
+def _linear_next_to_bn(graph_module: fx.GraphModule) -> bool:
+    """Whether any BN call site has a Linear neighbour; only those need shapes (one forward pass)."""
+    modules = dict(graph_module.named_modules())
+
+    def is_module(node, types) -> bool:
+        return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(modules[node.target], types)
+
+    for node in graph_module.graph.nodes:
+        if is_module(node, BN_TYPES):
+            if (node.args and is_module(node.args[0], LINEAR_TYPES)) or any(is_module(u, LINEAR_TYPES) for u in node.users):
+                return True
+    return False
 
 
 def _fold_site(graph_module: fx.GraphModule, sites: _Sites, node: fx.Node, equivalent: dict[str, str]) -> FoldRecord:

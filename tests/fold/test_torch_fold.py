@@ -26,8 +26,16 @@ def test_simplecnn_folds_and_matches():
 def test_every_pattern_in_one_module():
     model = randomize_bn(Everything())
     before = {k: v.clone() for k, v in model.state_dict().items()}
+    modules_before = dict(model.named_modules())
     folded, report = fold_module(model, example_input=torch.zeros(EVERYTHING_INPUT))
-    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # input untouched
+    # the input is untouched, and shares no module or tensor with the result
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert dict(model.named_modules()) == modules_before and model.bn_a.training is False
+    assert not {id(m) for m in model.modules()} & {id(m) for m in folded.modules()}
+    assert not {id(p) for p in model.parameters()} & {id(p) for p in folded.parameters()}
+    folded.train()
+    assert not model.training and not model.bn_relu.training
+    folded.eval()
     decisions = [(r.batchnorm, r.status, r.folded_into, r.position) for r in report.records]
     assert decisions == [
         ("bn_in", "folded", "conv_a", "before"), ("bn_a", "folded", "conv_a", "after"),
