@@ -23,6 +23,7 @@ import io
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -181,7 +182,11 @@ def _rss_bytes() -> int:
 
 
 def peak_extra_memory(run) -> int:
-    """Largest resident memory above the level just before ``run``, sampled every millisecond."""
+    """Largest resident memory above the level just before ``run``, sampled every millisecond.
+
+    Meaningful only in a fresh process: memory an earlier run freed can stay resident and be
+    reused unseen, which is why ``speed`` measures each tool in its own subprocess.
+    """
     gc.collect()
     baseline = _rss_bytes()
     peak = baseline
@@ -230,6 +235,7 @@ def ort_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 # the four parts --------------------------------------------------------------------------
 
 def speed(repeats: int) -> dict:
+    torch.manual_seed(0)
     module = randomize_bn(torchvision.models.resnet50(weights=None))
     example = torch.zeros(INPUT)
     model = torchscript_onnx(module, example)
@@ -241,10 +247,14 @@ def speed(repeats: int) -> dict:
         rows[f"ONNX: {name}"] = median_seconds(lambda: tool(model), repeats)
     for name, tool in MODULE_TOOLS.items():
         rows[f"module: {name}"] = median_seconds(lambda: tool(module, example), repeats)
-    memory = {f"ONNX: {name}": peak_extra_memory(lambda: tool(model)) / weight_bytes
-              for name, tool in ONNX_TOOLS.items() if name != "ORT fusion"}
-    memory.update({f"module: {name}": peak_extra_memory(lambda: tool(module, example)) / weight_bytes
-                   for name, tool in MODULE_TOOLS.items()})
+    memory = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "resnet50.onnx"
+        path.write_bytes(onnx_bytes(model))
+        for name in rows:
+            probe = subprocess.run([sys.executable, __file__, "--memory-probe", name, str(path)],
+                                   capture_output=True, text=True, check=True)
+            memory[name] = int(probe.stdout.split()[-1]) / weight_bytes
     return {"model": "resnet50", "batchnorm": count_bn(module), "weight_mib": weight_bytes / 2**20,
             "seconds": rows, "peak_extra_memory_in_weights": memory}
 
@@ -314,11 +324,25 @@ def coverage() -> list[dict]:
 def speed_table(result: dict) -> str:
     seconds = result["seconds"]
     ours = {"ONNX": seconds["ONNX: bnexport"], "module": seconds["module: bnexport"]}
-    rows = [("fold", "seconds", "bnexport's time ÷ this", "extra peak memory (× weights)")]
+    rows = [("fold", "seconds", "time ÷ bnexport's", "extra peak memory (× weights)")]
     for name, value in seconds.items():
         world = name.split(":")[0]
-        rows.append((name, f"{value:.3f}", f"{ours[world] / value:.2f}", f"{result['peak_extra_memory_in_weights'][name]:.2f}"))
+        rows.append((name, f"{value:.3f}", f"{value / ours[world]:.2f}×", f"{result['peak_extra_memory_in_weights'][name]:.2f}"))
     return format_table(rows)
+
+
+def memory_probe(tool_name: str, onnx_path: str) -> int:
+    """Run one tool once in this fresh process; return its extra peak resident bytes."""
+    world, name = tool_name.split(": ")
+    if world == "ONNX":
+        model = onnx.load(onnx_path)
+        tool = ONNX_TOOLS[name]
+        return peak_extra_memory(lambda: tool(model))
+    torch.manual_seed(0)
+    module = randomize_bn(torchvision.models.resnet50(weights=None))
+    example = torch.zeros(INPUT)
+    tool = MODULE_TOOLS[name]
+    return peak_extra_memory(lambda: tool(module, example))
 
 
 def scaling_table(rows: list[dict]) -> str:
@@ -354,7 +378,11 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--skip-coverage", action="store_true")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("TOOL", "ONNX"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.memory_probe:
+        print(memory_probe(*args.memory_probe))
+        return 0
     torch.manual_seed(0)
     results = {"threads": torch.get_num_threads(), "versions": versions()}
     results["speed"] = speed(args.repeats)
