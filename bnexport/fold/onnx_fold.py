@@ -44,10 +44,12 @@ class GraphIndex:
     Built once per graph and updated by each fold, so folding n BatchNorms costs O(n).
     """
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, initializers: dict[str, onnx.TensorProto] | None = None):
         self.model = model
         graph = self.graph = model.graph
-        self.initializers = {t.name: t for t in graph.initializer}
+        # read-only tensors (possibly the source model's); folded values live in new_values until written out
+        self.initializers = {t.name: t for t in graph.initializer} if initializers is None else initializers
+        self.new_values: dict[str, np.ndarray] = {}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.readers: dict[str, list[onnx.NodeProto]] = {}
         for node in graph.node:
@@ -62,8 +64,14 @@ class GraphIndex:
         self.shapes: dict[str, list[int | None]] | None = None  # filled by shape inference when first needed
 
     def constant(self, name: str) -> np.ndarray | None:
+        """The tensor's value when it is constant. Initializers are read afresh each time rather
+        than cached, so the fold never holds a second copy of every weight."""
         if not name:
             return None
+        if name in self.new_values:
+            return self.new_values[name]
+        if name in self.initializers:
+            return numpy_helper.to_array(self.initializers[name])
         if name not in self._constants:
             self._constants[name] = self._evaluate(name)
         return self._constants[name]
@@ -80,7 +88,12 @@ class GraphIndex:
         except (ValueError, IndexError, TypeError):  # an unusual attribute combination: treat as not constant
             return None
 
+    def is_initializer(self, name: str) -> bool:
+        return name in self.new_values or name in self.initializers
+
     def elem_type(self, name: str) -> int | None:
+        if name in self.new_values:
+            return helper.np_dtype_to_tensor_dtype(self.new_values[name].dtype)
         if name in self.initializers:
             return self.initializers[name].data_type
         if name in self.elem_types and self.elem_types[name]:
@@ -100,9 +113,6 @@ class GraphIndex:
         """Uses of the tensor's values; a BN keeps shape and type, so metadata readers may move to its output."""
         return self.use_count(name) - len(self.metadata_readers(name))
 
-    def set_constant(self, name: str, tensor: onnx.TensorProto, value: np.ndarray) -> None:
-        self.initializers[name] = tensor
-        self._constants[name] = value
 
     def replace_input(self, node: onnx.NodeProto, position: int, new_name: str) -> None:
         old = node.input[position] if position < len(node.input) else ""
@@ -116,7 +126,18 @@ class GraphIndex:
     def static_shape(self, name: str) -> list[int | None] | None:
         """The tensor's shape from ONNX shape inference (run once, when first needed); None dims are dynamic."""
         if self.shapes is None:
-            inferred = onnx.shape_inference.infer_shapes(self.model, strict_mode=False)
+            # the graph being folded holds no initializers yet: declare their types and shapes as inputs
+            probe = onnx.ModelProto()
+            probe.CopyFrom(self.model)
+            declared = {i.name for i in probe.graph.input}
+            for constant_name, tensor in self.initializers.items():
+                if constant_name not in declared:
+                    probe.graph.input.append(helper.make_tensor_value_info(constant_name, tensor.data_type, list(tensor.dims)))
+            for constant_name, value in self.new_values.items():
+                if constant_name not in declared and constant_name not in self.initializers:
+                    probe.graph.input.append(helper.make_tensor_value_info(
+                        constant_name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
+            inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
             self.shapes = {
                 v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
                 for v in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]
@@ -143,7 +164,7 @@ def _evaluate_constant_node(index: GraphIndex, node: onnx.NodeProto) -> np.ndarr
         return None
     if op == "Shape":  # needs only the input's shape, which an initializer knows without its data
         source = node.input[0]
-        shape = list(index.initializers[source].dims) if source in index.initializers else None
+        shape = list(index.initializers[source].dims) if source in index.initializers else None  # folds keep shapes
         if shape is None:
             value = index.constant(source)
             # an activation's shape is constant where inference knows the dims asked for
@@ -244,9 +265,9 @@ def _work_dtype(dtype: np.dtype) -> type:
 class Folder:
     """The rewrite of one model: holds the copy, its index and the nodes removed so far."""
 
-    def __init__(self, model: onnx.ModelProto):
+    def __init__(self, model: onnx.ModelProto, *, initializers: dict[str, onnx.TensorProto] | None = None):
         self.model = model
-        self.index = GraphIndex(model)
+        self.index = GraphIndex(model, initializers)
         # id → node; holding the node keeps its protobuf wrapper, and so its id, alive until finish()
         self.removed: dict[int, onnx.NodeProto] = {}
 
@@ -257,20 +278,15 @@ class Folder:
         index = self.index
         name = node.input[position] if position < len(node.input) else ""
         array = np.ascontiguousarray(value, dtype=dtype)
-        if name and name in index.initializers and index.use_count(name) == 1:
-            tensor = index.initializers[name]
-            _overwrite(tensor, array)
-            index.set_constant(name, tensor, array)
+        if name and index.is_initializer(name) and index.use_count(name) == 1:
+            index.new_values[name] = array
             return
         base = f"{name or node.output[0]}_bnfolded"
         new_name, counter = base, 0
-        while new_name in index.initializers or new_name in index.producer or new_name in index.readers:
+        while index.is_initializer(new_name) or new_name in index.producer or new_name in index.readers:
             counter += 1
             new_name = f"{base}_{counter}"
-        tensor = self.model.graph.initializer.add()
-        tensor.name = new_name
-        _overwrite(tensor, array)
-        index.set_constant(new_name, tensor, array)
+        index.new_values[new_name] = array
         index.replace_input(node, position, new_name)
 
     def remove_bn(self, bn: onnx.NodeProto, *, absorbed_by: onnx.NodeProto, after: bool) -> None:
@@ -517,11 +533,29 @@ class Folder:
             return FoldRecord(label, FOLDED, folded_into=node_label(before), position="before")
         return FoldRecord(label, KEPT, reason=f"{after}; {before}")
 
-    def finish(self) -> None:
-        """Drop the folded BNs, the constant subgraphs and initializers nothing reads any more."""
+    def finish(self, source_initializers) -> None:
+        """Drop the folded BNs and the constant subgraphs nothing reads any more, then write the
+        initializers still read: folded values as new tensors, the rest copied once, in the
+        source's order."""
         graph = self.model.graph
         _delete_where(graph.node, lambda node: id(node) in self.removed)
         remove_unused(self.model)
+        used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+        for tensor in source_initializers:
+            if tensor.name not in used:
+                continue
+            if tensor.name in self.index.new_values:
+                written = graph.initializer.add()
+                written.name = tensor.name
+                _overwrite(written, self.index.new_values.pop(tensor.name))
+            else:
+                graph.initializer.add().CopyFrom(tensor)
+        for name, array in self.index.new_values.items():
+            if name in used:
+                written = graph.initializer.add()
+                written.name = name
+                _overwrite(written, array)
+        _delete_where(graph.input, lambda value: value.name in self.index.initializers and value.name not in used)
 
 
 def _overwrite(tensor: onnx.TensorProto, array: np.ndarray) -> None:
@@ -577,11 +611,34 @@ def fold_graph(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldReport]:
     Raises ``BnexportError`` naming the BN whose running variance is negative, NaN, or
     zero with ε = 0.
     """
-    folded = onnx.ModelProto()
-    folded.CopyFrom(model)
-    folder = Folder(folded)
+    folded = _copy_without_initializers(model)
+    folder = Folder(folded, initializers={t.name: t for t in model.graph.initializer})
     report = FoldReport(source="onnx")
     for bn in [n for n in folded.graph.node if n.op_type == "BatchNormalization"]:
         report.records.append(folder.fold_one(bn))
-    folder.finish()
+    folder.finish(model.graph.initializer)
     return folded, report
+
+
+def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Everything of ``model`` but its initializers, which ``Folder.finish`` writes once each.
+
+    Copying them here and overwriting the folded ones later would hold two copies of every
+    folded weight: protobuf keeps replaced bytes until the whole message is freed.
+    """
+    copied = onnx.ModelProto()
+    _copy_fields(model, copied, skip={"graph"})
+    _copy_fields(model.graph, copied.graph, skip={"initializer"})
+    return copied
+
+
+def _copy_fields(source, target, *, skip: set[str]) -> None:
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
