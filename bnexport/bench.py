@@ -47,7 +47,7 @@ class BenchReport:
     def table(self) -> str:
         rows = [("runtime", "batch", "median ms", "min ms", f"vs {self.baseline}")]
         rows += [(t.name, str(t.batch), f"{t.median_ms:.3f}", f"{t.min_ms:.3f}", f"{t.ratio:.2f}×") for t in self.timings]
-        return format_table(rows) + f"\n{self.model}; {self.threads} torch threads; median of repeated calls"
+        return format_table(rows) + f"\n{self.model}; {self.threads} thread(s) for torch and ONNX Runtime; median of repeated calls"
 
 
 def measure(run: Callable[[], object], *, warmup: int = 3, min_runs: int = 10, min_seconds: float = 0.5) -> list[float]:
@@ -81,7 +81,7 @@ def bench(runners: dict[str, Runner], input_shape: tuple[int, ...], *, batches: 
     return report
 
 
-def onnx_runners(unfolded: onnx.ModelProto, folded: onnx.ModelProto | None) -> dict[str, Runner]:
+def onnx_runners(unfolded: onnx.ModelProto, folded: onnx.ModelProto | None, *, threads: int | None = None) -> dict[str, Runner]:
     """ONNX Runtime (CPU) with its graph optimisations disabled and at their default, unfolded and folded."""
     from .export import onnx_bytes
     from .parity import onnxruntime_runner
@@ -91,12 +91,12 @@ def onnx_runners(unfolded: onnx.ModelProto, folded: onnx.ModelProto | None) -> d
         if model is None:
             continue
         data = onnx_bytes(model)
-        runners[f"ORT {label} (no graph opt)"] = onnxruntime_runner(data, optimize=False)
-        runners[f"ORT {label} (default opt)"] = onnxruntime_runner(data, optimize=True)
+        runners[f"ORT {label} (no graph opt)"] = onnxruntime_runner(data, optimize=False, threads=threads)
+        runners[f"ORT {label} (default opt)"] = onnxruntime_runner(data, optimize=True, threads=threads)
     return runners
 
 
-def module_runners(module: torch.nn.Module, example: torch.Tensor) -> dict[str, Runner]:
+def module_runners(module: torch.nn.Module, example: torch.Tensor, *, threads: int | None = None) -> dict[str, Runner]:
     """Eager unfolded (the baseline) and folded, TorchScript folded, and ONNX Runtime on both exports."""
     from .export import to_onnx
     from .fold import fold_module, fold_onnx
@@ -113,5 +113,5 @@ def module_runners(module: torch.nn.Module, example: torch.Tensor) -> dict[str, 
         "eager folded": eager_runner(folded),
         "TorchScript folded": eager_runner(scripted),
     }
-    runners.update(onnx_runners(unfolded_onnx, folded_onnx))
+    runners.update(onnx_runners(unfolded_onnx, folded_onnx, threads=threads))
     return runners

@@ -177,6 +177,8 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="an ONNX file or a bnexport checkpoint")
     parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 64], help="batch sizes (default: 1 64)")
     parser.add_argument("--min-seconds", type=positive_float, default=0.5, help="time each runner at least this long (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="threads for torch and ONNX Runtime (default: their own defaults)")
 
 
 def _fold_output(args: argparse.Namespace) -> Path:
@@ -316,11 +318,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     source = load_source(args.model)
     shape = args.input_shape or source.input_shape
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if source.kind == "onnx":
         folded, _ = fold_onnx(source.onnx_model, input_shape=shape, seed=args.seed)
-        runners = onnx_runners(source.onnx_model, folded)
+        runners = onnx_runners(source.onnx_model, folded, threads=args.threads)
     else:
-        runners = module_runners(source.module, torch.zeros(shape))
+        runners = module_runners(source.module, torch.zeros((2, *shape[1:])), threads=args.threads)
     report = bench(runners, shape, batches=tuple(args.batch), model=str(args.model), seed=args.seed,
                    min_seconds=args.min_seconds)
     if args.json:

@@ -57,7 +57,8 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, *, opset: int = DEFA
             (example,),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1)}},
+            # by position, not by name: the module's forward may call its input anything
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
             opset_version=opset,
             verbose=False,
             **options,

@@ -153,10 +153,13 @@ def exported_program_runner(path: str | Path) -> Runner:
     return eager_runner(program.module())
 
 
-def ort_session(path_or_bytes: str | Path | bytes, *, optimize: bool, providers: list[str] | None = None):
+def ort_session(path_or_bytes: str | Path | bytes, *, optimize: bool, providers: list[str] | None = None,
+                threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -169,9 +172,10 @@ def ort_session(path_or_bytes: str | Path | bytes, *, optimize: bool, providers:
         raise BnexportError(f"{label}: ONNX Runtime cannot load it: {str(err).splitlines()[0]}") from None
 
 
-def onnxruntime_runner(path_or_bytes: str | Path | bytes, *, optimize: bool = False, providers: list[str] | None = None) -> Runner:
+def onnxruntime_runner(path_or_bytes: str | Path | bytes, *, optimize: bool = False, providers: list[str] | None = None,
+                       threads: int | None = None) -> Runner:
     """ONNX Runtime; ``optimize=False`` disables its graph fusions so they cannot hide a bad fold."""
-    session = ort_session(path_or_bytes, optimize=optimize, providers=providers)
+    session = ort_session(path_or_bytes, optimize=optimize, providers=providers, threads=threads)
     input_name = session.get_inputs()[0].name
 
     def run(inputs: np.ndarray) -> np.ndarray:

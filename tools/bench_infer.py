@@ -6,8 +6,9 @@ For each model and batch size: eager unfolded (the baseline), eager folded, Torc
 folded, and ONNX Runtime (CPU) on the unfolded and the folded ONNX, each with graph
 optimisations disabled and at their default. BN statistics are randomized, weights are
 random (resnet18 with weights=None, on 3×64×64 input to keep the run short on a CPU).
-Each figure is the median of repeated calls; ``python -m bnexport bench`` runs the same
-measurement on a user's own checkpoint or ONNX file.
+Each figure is the median of repeated calls, on one thread by default for both torch and
+ONNX Runtime; ``python -m bnexport bench`` runs the same measurement on a user's own
+checkpoint or ONNX file.
 """
 
 from __future__ import annotations
@@ -52,10 +53,13 @@ def main() -> int:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="threads for torch and ONNX Runtime (default 1: steadier figures on a shared machine)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     results = []
     for name, (module, shape) in models().items():
-        runners = module_runners(module, torch.zeros((2, *shape[1:])))
+        runners = module_runners(module, torch.zeros((2, *shape[1:])), threads=args.threads)
         report = bench(runners, shape, batches=tuple(args.batch), model=name, min_seconds=args.min_seconds)
         print(report.table(), "\n")
         results.append(report.to_json())
