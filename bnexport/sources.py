@@ -1,6 +1,6 @@
 """What the fold, parity and bench commands accept: an ONNX file or a bnexport checkpoint.
 
-A checkpoint is a zip archive (``torch.save``); anything else is read as ONNX. Either way
+A checkpoint is a zip archive (``torch.save``) not named ``.onnx``; anything else is read as ONNX. Either way
 the caller gets the model and the input shape a check should feed it.
 """
 
@@ -32,7 +32,9 @@ class Source:
 
 
 def is_checkpoint(path: str | Path) -> bool:
-    return Path(path).is_file() and zipfile.is_zipfile(path)
+    """A zip archive not named .onnx (weight bytes of an ONNX file could, rarely, look like a zip's end)."""
+    path = Path(path)
+    return path.suffix.lower() != ".onnx" and path.is_file() and zipfile.is_zipfile(path)
 
 
 def load_source(path: str | Path, *, needs_input_shape: bool = True) -> Source:
