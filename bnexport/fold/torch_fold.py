@@ -197,6 +197,8 @@ class _Sites:
         for node in graph_module.graph.nodes:
             if node.op == "call_module":
                 self.count[node.target] = self.count.get(node.target, 0) + 1
+        # modules whose tensors the graph reads directly (get_attr): their name must keep its original weights
+        self.read_directly = {node.target.rpartition(".")[0] for node in graph_module.graph.nodes if node.op == "get_attr"}
         self.final_name: dict[str, str] = {}  # flat root name → the name it has in the folded module
         self.created: list[nn.Module] = []
 
@@ -207,7 +209,8 @@ class _Sites:
         """Make ``node`` call ``new_module``: under the layer's own name when it alone calls it, else a fresh one."""
         target = node.target
         self.count[target] -= 1
-        if target in self.final_name.values() or self.count[target] > 0:  # shared: this site gets its own weights
+        shared = self.count[target] > 0 or target in self.read_directly or target in self.final_name.values()
+        if shared:  # this site gets its own weights under a new name
             final = self._fresh_name(f"{self.final_name.get(target, target)}_folded_{bn_target}")
         else:
             final = self.final_name.pop(target, target)
@@ -231,6 +234,12 @@ class _Sites:
             for tensor in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
                 memo[id(tensor)] = tensor
         in_use = {id(t) for name, n in self.count.items() if n > 0 for t in self.modules[name].parameters()}
+        for node in self.graph_module.graph.nodes:  # tensors read directly, e.g. a tied weight
+            if node.op == "get_attr":
+                value = self.graph_module
+                for part in node.target.split("."):
+                    value = getattr(value, part)
+                in_use.add(id(value))
         for name, n in self.count.items():
             if n == 0:
                 for tensor in self.modules[name].parameters(recurse=False):

@@ -240,3 +240,24 @@ def test_a_wrong_fold_is_caught_and_the_layer_named(monkeypatch):
     assert report.parity["passed"] is False
     assert report.divergence["layer"] == "up" and report.divergence["tensor"] == "bn_up"
     assert report.divergence["result"]["max_abs"] > 0.1
+
+
+class TiedWeight(nn.Module):
+    """A folded conv whose weight is also read directly elsewhere: the original must survive the copy."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 1)
+        self.bn = nn.BatchNorm2d(2)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) + self.conv.weight.sum()
+
+
+def test_weight_read_directly_survives_the_fold():
+    model = randomize_bn(TiedWeight())
+    folded, report = fold_module(model, example_input=torch.zeros(1, 2, 3, 3))
+    assert report.records[0].status == "folded"
+    x = torch.randn(2, 2, 3, 3)
+    with torch.no_grad():
+        assert relative_error(model(x), folded(x)) < 1e-6
