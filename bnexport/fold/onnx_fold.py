@@ -278,12 +278,18 @@ class Folder:
         index = self.index
         name = node.input[position] if position < len(node.input) else ""
         array = np.ascontiguousarray(value, dtype=dtype)
-        if name and index.is_initializer(name) and index.use_count(name) == 1:
+        # readers of only its shape or type (Shape, CastLike) do not count: a fold keeps both
+        if name and index.is_initializer(name) and index.value_use_count(name) == 1:
             index.new_values[name] = array
             return
-        base = f"{name or node.output[0]}_bnfolded"
+        weight_name = node.input[1] if len(node.input) > 1 else ""
+        if position == 2 and weight_name.endswith("weight") and not index.is_initializer(name):
+            base = f"{weight_name[:-len('weight')]}bias"  # a bias-less conv's new bias: "conv.weight" → "conv.bias"
+        else:
+            base = f"{name or node.output[0]}_bnfolded"
         new_name, counter = base, 0
-        while index.is_initializer(new_name) or new_name in index.producer or new_name in index.readers:
+        while index.is_initializer(new_name) or new_name in index.producer or new_name in index.readers or \
+                new_name in index.graph_outputs:
             counter += 1
             new_name = f"{base}_{counter}"
         index.new_values[new_name] = array
