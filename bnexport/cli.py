@@ -66,6 +66,16 @@ def shape_triple(text: str) -> tuple[int, int, int]:
     return parts  # type: ignore[return-value]
 
 
+def shape_list(text: str) -> tuple[int, ...]:
+    try:
+        parts = tuple(int(p) for p in text.replace("x", ",").split(","))
+    except ValueError:
+        parts = ()
+    if not parts or min(parts) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, e.g. 1,3,224,224; got {text!r}")
+    return parts
+
+
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = TrainConfig()
     group = parser.add_argument_group("data")
@@ -250,13 +260,206 @@ def cmd_view(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def add_check_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--input-shape", type=shape_list, default=None, metavar="N,C,H,W",
+                        help="shape of the seeded check input (default: the model's, dynamic dims set to 1)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the check input (default: %(default)s)")
+
+
+def add_fold_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="an ONNX file or a bnexport checkpoint")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="where to write the folded model; for a checkpoint its suffix picks the format: .onnx, .ts or .pt2")
+    parser.add_argument("--report", type=Path, default=None, metavar="JSON", help="also write the per-BatchNorm decisions as JSON")
+    parser.add_argument("--in-place", action="store_true", help="overwrite the input ONNX file with the folded model")
+    parser.add_argument("--no-check", action="store_true", help="skip the parity check of the folded model")
+
+
+def add_json_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+
+def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="an ONNX file")
+
+
+def add_parity_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("reference", type=Path, help="an ONNX file or a bnexport checkpoint: the reference")
+    parser.add_argument("candidate", type=Path, help="an ONNX file or a bnexport checkpoint to compare with it")
+
+
+def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", type=Path, help="an ONNX file or a bnexport checkpoint")
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 64], help="batch sizes (default: 1 64)")
+    parser.add_argument("--min-seconds", type=positive_float, default=0.5, help="time each runner at least this long (default: %(default)s)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="threads for torch and ONNX Runtime (default: their own defaults)")
+
+
+def _fold_output(args: argparse.Namespace) -> Path:
+    """The output path, after refusing the combinations that would lose or clobber a file."""
+    if args.in_place:
+        if args.output is not None and args.output.resolve() != args.model.resolve():
+            raise BnexportError("--in-place writes over the input; drop -o or --in-place")
+        return args.model
+    if args.output is None:
+        raise BnexportError("-o OUTPUT is required (or --in-place to overwrite the input)")
+    if args.output.resolve() == args.model.resolve():
+        raise BnexportError(f"{args.output}: the output path is the input; pass --in-place to overwrite it")
+    if not args.output.parent.is_dir():
+        raise BnexportError(f"{args.output}: folder {args.output.parent} does not exist")
+    return args.output
+
+
+CHECKPOINT_OUTPUTS = (".onnx", ".ts", ".pt2")
+
+
+def cmd_fold(args: argparse.Namespace) -> int:
+    """Fold every BatchNorm that folds exactly, check parity, and write the folded model.
+
+    Prints one line per BatchNorm: folded into which layer, or kept and why. Exit 1 when the
+    folded model fails the parity check (nothing is written then), 2 on bad input.
+    """
+    import torch
+
+    from .artifacts import write_json
+    from .errors import CheckFailed
+    from .export import export_program, export_torchscript, save_onnx, to_onnx
+    from .fold import fold_module, fold_onnx, uses_external_data
+    from .sources import load_source
+
+    output = _fold_output(args)
+    source = load_source(args.model, needs_input_shape=not args.no_check and args.input_shape is None)
+    if source.kind == "checkpoint" and (args.in_place or output.suffix not in CHECKPOINT_OUTPUTS):
+        raise BnexportError(f"{args.model}: a checkpoint folds into a new file ending in {', '.join(CHECKPOINT_OUTPUTS)}, not {output.name}")
+    tolerance = Tolerance(args.atol, args.rtol)
+    shape = args.input_shape or source.input_shape
+    try:
+        if source.kind == "onnx":
+            try:
+                folded, report = fold_onnx(source.onnx_model, check=not args.no_check, input_shape=shape,
+                                           seed=args.seed, tolerance=tolerance)
+            except BnexportError as err:
+                raise BnexportError(f"{args.model}: {err}") from None
+        else:
+            folded, report = fold_module(source.module, check=not args.no_check, input_shape=shape,
+                                         seed=args.seed, tolerance=tolerance)
+    except CheckFailed as failed:
+        if args.report:
+            write_json(args.report, failed.report.to_json())
+        print(failed.report.table())
+        print(f"bnexport fold: {args.model}: {failed}; nothing written", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+
+    if source.kind == "onnx":
+        save_onnx(folded, output, external_data=uses_external_data(args.model))
+    else:
+        # a batch of 2 for the example: torch.export would specialise a batch of 1 and lose the dynamic axis
+        example = torch.zeros((2, *shape[1:]))
+        if output.suffix == ".onnx":
+            save_onnx(to_onnx(folded, example), output)
+        elif output.suffix == ".ts":
+            export_torchscript(folded, output)
+        else:
+            export_program(folded, example, output)
+    if args.report:
+        write_json(args.report, report.to_json())
+    print(report.table())
+    if not report.records:
+        print(f"{args.model} has no BatchNorm; {output} is the same model")
+    elif report.parity:
+        result = report.parity["results"][0]
+        print(f"parity: max |Δ| {result['max_abs']:.2e} = {result['max_rel']:.2e} of scale on seeded input "
+              f"{report.parity['input_shape']}: ok")
+    print(f"wrote {output}")
+    return EXIT_OK
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Show an ONNX model: op counts, opset, inputs and outputs, parameters, and every BatchNormalization."""
+    from .fold import load_onnx
+    from .onnx_info import describe_onnx
+
+    info = describe_onnx(load_onnx(args.model))
+    if args.json:
+        print_json(info.to_json())
+    else:
+        print(info.table())
+    return EXIT_OK
+
+
+def _runner(source):
+    from .export import onnx_bytes
+    from .parity import eager_runner, onnxruntime_runner
+
+    if source.kind == "onnx":
+        return onnxruntime_runner(onnx_bytes(source.onnx_model), optimize=False)
+    return eager_runner(source.module)
+
+
+def cmd_parity(args: argparse.Namespace) -> int:
+    """Compare two models, ONNX files or bnexport checkpoints, on seeded input.
+
+    ONNX runs in ONNX Runtime with graph optimisations disabled. Exit 0 when they agree within
+    --atol + --rtol·max|reference|, 1 when they differ, 2 on bad input.
+    """
+    from .parity import run_parity, seeded_input
+    from .sources import load_source
+
+    needs_shape = args.input_shape is None
+    reference = load_source(args.reference, needs_input_shape=needs_shape)
+    candidate = load_source(args.candidate, needs_input_shape=needs_shape)
+    shape = args.input_shape or reference.input_shape
+    if args.input_shape is None and reference.input_shape != candidate.input_shape:
+        raise BnexportError(f"{args.candidate}: input shape {list(candidate.input_shape)} differs from "
+                            f"{args.reference}'s {list(reference.input_shape)}; pass --input-shape if both accept one")
+    inputs = seeded_input(shape, seed=args.seed)
+    report = run_parity(_runner(reference), {str(args.candidate): _runner(candidate)}, inputs,
+                        reference_name=str(args.reference), seed=args.seed, tolerance=Tolerance(args.atol, args.rtol))
+    if args.json:
+        print_json(report.to_json())
+    else:
+        print(report.table())
+    return EXIT_OK if report.passed else EXIT_CHECK_FAILED
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Inference latency of a checkpoint or ONNX file, BatchNorm kept and folded, per runtime and batch size."""
+    import torch
+
+    from .bench import bench, module_runners, onnx_runners
+    from .fold import fold_onnx
+    from .sources import load_source
+
+    source = load_source(args.model)
+    shape = args.input_shape or source.input_shape
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if source.kind == "onnx":
+        folded, _ = fold_onnx(source.onnx_model, input_shape=shape, seed=args.seed)
+        runners = onnx_runners(source.onnx_model, folded, threads=args.threads)
+    else:
+        runners = module_runners(source.module, torch.zeros((2, *shape[1:])), threads=args.threads)
+    report = bench(runners, shape, batches=tuple(args.batch), model=str(args.model), seed=args.seed,
+                   min_seconds=args.min_seconds)
+    if args.json:
+        print_json(report.to_json())
+    else:
+        print(report.table())
+    return EXIT_OK
+
+
 COMMANDS = {
     "train": (cmd_train, [add_training_arguments, add_distributed_arguments]),
     "train-and-export": (cmd_train_and_export, [add_training_arguments, add_distributed_arguments, add_tolerance_arguments,
                                                add_comparison_arguments]),
-    "recalibrate": (cmd_recalibrate, [add_recalibrate_arguments]),
+    "fold": (cmd_fold, [add_fold_arguments, add_check_arguments, add_tolerance_arguments]),
+    "inspect": (cmd_inspect, [add_inspect_arguments, add_json_argument]),
+    "parity": (cmd_parity, [add_parity_arguments, add_check_arguments, add_tolerance_arguments, add_json_argument]),
+    "bench": (cmd_bench, [add_bench_arguments, add_check_arguments, add_json_argument]),
     "visualize": (cmd_visualize, [add_visualize_arguments]),
     "view": (cmd_view, [add_view_arguments]),
+    "recalibrate": (cmd_recalibrate, [add_recalibrate_arguments]),
 }
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import collections
 import io
+import os
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -55,7 +57,8 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, *, opset: int = DEFA
             (example,),
             input_names=[INPUT_NAME],
             output_names=[OUTPUT_NAME],
-            dynamic_shapes={INPUT_NAME: {0: torch.export.Dim("batch", min=1)}},
+            # by position, not by name: the module's forward may call its input anything
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
             opset_version=opset,
             verbose=False,
             **options,
@@ -73,10 +76,30 @@ def _rename_dynamic_batch(model: onnx.ModelProto) -> None:
             dims[0].dim_param = "batch"
 
 
-def save_onnx(model: onnx.ModelProto, path: str | Path) -> Path:
+def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool = False) -> Path:
+    """Write ``model`` atomically; with ``external_data`` its tensors go to ``<name>.data`` beside it.
+
+    The data file is written in a staging folder and renamed into place before the model,
+    so a model file on disk never points at a half-written data file.
+    """
+    path = Path(path)
+    if not external_data:
+        with atomic_path(path) as tmp:
+            onnx.save(model, str(tmp))
+        return path
+    from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
+
+    data_name = f"{path.name}.data"
+    stored = onnx.ModelProto()
+    stored.CopyFrom(model)
+    convert_model_to_external_data(stored, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.data-") as staging:
+        write_external_data_tensors(stored, staging)
+        if (Path(staging) / data_name).exists():
+            os.replace(Path(staging) / data_name, path.parent / data_name)
     with atomic_path(path) as tmp:
-        onnx.save(model, str(tmp))
-    return Path(path)
+        onnx.save(stored, str(tmp))
+    return path
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -153,10 +153,13 @@ def exported_program_runner(path: str | Path) -> Runner:
     return eager_runner(program.module())
 
 
-def ort_session(path_or_bytes: str | Path | bytes, *, optimize: bool, providers: list[str] | None = None):
+def ort_session(path_or_bytes: str | Path | bytes, *, optimize: bool, providers: list[str] | None = None,
+                threads: int | None = None):
     import onnxruntime as ort
 
     options = ort.SessionOptions()
+    if threads:
+        options.intra_op_num_threads = threads
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
@@ -169,13 +172,19 @@ def ort_session(path_or_bytes: str | Path | bytes, *, optimize: bool, providers:
         raise BnexportError(f"{label}: ONNX Runtime cannot load it: {str(err).splitlines()[0]}") from None
 
 
-def onnxruntime_runner(path_or_bytes: str | Path | bytes, *, optimize: bool = False, providers: list[str] | None = None) -> Runner:
+def onnxruntime_runner(path_or_bytes: str | Path | bytes, *, optimize: bool = False, providers: list[str] | None = None,
+                       threads: int | None = None) -> Runner:
     """ONNX Runtime; ``optimize=False`` disables its graph fusions so they cannot hide a bad fold."""
-    session = ort_session(path_or_bytes, optimize=optimize, providers=providers)
+    session = ort_session(path_or_bytes, optimize=optimize, providers=providers, threads=threads)
     input_name = session.get_inputs()[0].name
 
     def run(inputs: np.ndarray) -> np.ndarray:
-        return session.run(None, {input_name: inputs})[0]
+        try:
+            return session.run(None, {input_name: inputs})[0]
+        except Exception as err:  # ORT's own error types: a shape or type the model does not accept
+            label = "model" if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+            raise BnexportError(f"{label}: ONNX Runtime cannot run it on input of shape {list(inputs.shape)}: "
+                                f"{str(err).strip().splitlines()[0][:200]}") from None
 
     return run
 
@@ -204,3 +213,89 @@ def onnxruntime_cuda_runner(path: str | Path, *, optimize: bool = False) -> Runn
             input_name = session.get_inputs()[0].name
             return lambda inputs: session.run(None, {input_name: inputs})[0]
     return None
+
+
+# The per-layer drill-down: when two models disagree, name the first layer that does. -------
+
+@dataclass
+class Divergence:
+    """The first intermediate tensor, in the candidate's order, that fails the tolerance."""
+
+    layer: str  # the candidate's node that computes it
+    tensor: str  # the tensor or fx node compared
+    compared: int  # how many intermediate tensors were compared up to and including this one
+    result: ParityResult
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "tensor": self.tensor, "compared": self.compared, "result": self.result.to_json()}
+
+
+def first_divergence(pairs, *, tolerance: Tolerance = DEFAULT_TOLERANCE) -> Divergence | None:
+    """``pairs`` yields (layer, tensor, reference, candidate) in execution order; the first that fails."""
+    for compared, (layer, tensor, reference, candidate) in enumerate(pairs, start=1):
+        if np.shape(reference) != np.shape(candidate):
+            continue
+        result = compare(tensor, reference, candidate, tolerance=tolerance)
+        if not result.passed:
+            return Divergence(layer=layer, tensor=tensor, compared=compared, result=result)
+    return None
+
+
+def onnx_intermediates(model, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Every float tensor that shape inference can type, computed by ORT with graph optimisations off."""
+    import onnx
+
+    from .export import onnx_bytes
+
+    inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+    probed = onnx.ModelProto()
+    probed.CopyFrom(inferred)
+    existing = {o.name for o in probed.graph.output}
+    float_types = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}
+    for info in inferred.graph.value_info:
+        if info.name not in existing and info.type.tensor_type.elem_type in float_types:
+            probed.graph.output.append(info)
+    session = ort_session(onnx_bytes(probed), optimize=False)
+    names = [o.name for o in session.get_outputs()]
+    values = session.run(None, {session.get_inputs()[0].name: inputs})
+    return dict(zip(names, values))
+
+
+def onnx_drilldown(reference, candidate, inputs: np.ndarray, *, tolerance: Tolerance = DEFAULT_TOLERANCE) -> Divergence | None:
+    """Compare every tensor the two ONNX graphs share by name, in the candidate's node order."""
+    expected = onnx_intermediates(reference, inputs)
+    got = onnx_intermediates(candidate, inputs)
+    pairs = ((node.name or node.op_type, name, expected[name], got[name])
+             for node in candidate.graph.node for name in node.output if name in expected and name in got)
+    return first_divergence(pairs, tolerance=tolerance)
+
+
+def module_intermediates(graph_module: torch.fx.GraphModule, inputs: np.ndarray) -> dict[str, np.ndarray]:
+    """Every fx node's tensor output, by node name."""
+    values: dict[str, np.ndarray] = {}
+
+    class Recorder(torch.fx.Interpreter):
+        def run_node(self, node):
+            result = super().run_node(node)
+            if isinstance(result, torch.Tensor):
+                values[node.name] = result.detach().numpy()
+            return result
+
+    with torch.no_grad():
+        Recorder(graph_module).run(torch.from_numpy(inputs))
+    return values
+
+
+def module_drilldown(reference: torch.fx.GraphModule, candidate: torch.fx.GraphModule, inputs: np.ndarray, *,
+                     equivalent: dict[str, str] | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE) -> Divergence | None:
+    """Compare fx nodes in the candidate's order; ``equivalent`` maps a candidate node to the reference
+    node whose output it now computes (a layer that absorbed the BN after it)."""
+    equivalent = equivalent or {}
+    expected = module_intermediates(reference, inputs)
+    got = module_intermediates(candidate, inputs)
+    pairs = []
+    for node in candidate.graph.nodes:
+        source = equivalent.get(node.name, node.name)
+        if node.op in ("call_module", "call_function", "call_method") and node.name in got and source in expected:
+            pairs.append((str(node.target), source, expected[source], got[node.name]))
+    return first_divergence(pairs, tolerance=tolerance)

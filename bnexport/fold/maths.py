@@ -9,10 +9,13 @@ Folding it into the linear layer before it, y = w ⊛ x + b, gives
     w' = w · γ / √(σ² + ε)            (scaled along each *output* channel)
     b' = (b − μ) · γ / √(σ² + ε) + β
 
-The functions below use only arithmetic and ``reshape``, so the same code serves torch
-tensors (module folding) and numpy arrays (ONNX initializers). Callers pass float64 copies
-and cast back, which keeps the fold's own rounding far below the tolerance of a float32
-check.
+Folding BN into the layer *after* it (BN → Conv, BN → Linear) is in
+``fold_into_input_channels``.
+
+The functions below use only arithmetic, ``reshape`` and ``sum``, so the same code serves
+torch tensors (module folding) and numpy arrays (ONNX initializers). Callers compute s and t
+in float64 and cast back, which keeps the fold's own rounding far below the tolerance of a
+float32 check.
 """
 
 from __future__ import annotations
@@ -26,6 +29,21 @@ def bn_scale_shift(gamma: Array, beta: Array, mean: Array, var: Array, eps: floa
     """Return (s, t) with BN(y) = s · y + t per channel."""
     scale = gamma / (var + eps) ** 0.5
     return scale, beta - mean * scale
+
+
+def invalid_statistics(var: Array, eps: float) -> str | None:
+    """Why running variances cannot give a finite BN, or None when they can.
+
+    σ² < 0 or NaN makes √(σ² + ε) NaN, and σ² + ε = 0 divides by zero: such a BN outputs
+    NaN or ∞ already, so folding it would only hide a broken model.
+    """
+    var = var.reshape(-1)
+    bad = [(var != var), var < 0, (var + eps) == 0]  # NaN is the one value not equal to itself
+    for mask, what in zip(bad, ("NaN", "negative", f"zero with eps={eps:g}")):
+        count = int(mask.sum())
+        if count:
+            return f"running variance has {count} {what} value{'s' if count > 1 else ''}"
+    return None
 
 
 def _broadcast(vector: Array, ndim: int, axis: int) -> Array:
@@ -57,4 +75,29 @@ def fold_into_transposed_conv(
     per_block = scale.reshape(groups, 1, c_out_per_group, *([1] * len(kernel)))
     folded_weight = (blocks * per_block).reshape(c_in, c_out_per_group, *kernel)
     folded_bias = shift if bias is None else bias * scale + shift
+    return folded_weight, folded_bias
+
+
+def fold_into_input_channels(
+    weight: Array, bias: Array | None, scale: Array, shift: Array, *, groups: int = 1
+) -> tuple[Array, Array]:
+    """Fold BN *before* a Conv (no zero padding) or Linear, whose weight is (C_out, C_in / groups, *kernel).
+
+    The layer sees x̂ = s · x + t instead of x. Every output position of a Linear, or of a
+    conv that pads no zeros, sums over all of its kernel taps, so
+
+        w'[o, i, k] = w[o, i, k] · s[c(o, i)]
+        b'[o]       = b[o] + Σ_{i,k} w[o, i, k] · t[c(o, i)]
+
+    where c(o, i) = g · (C_in/groups) + i is the input channel that weight column i of output
+    o's group g reads. A zero-padded border breaks this: the padded zeros are not shifted by t,
+    so those positions would get a bias they never had.
+    """
+    c_out, c_in_per_group, *kernel = weight.shape
+    per_output = scale.reshape(groups, 1, c_in_per_group)  # s[c(o, i)] for the outputs of each group
+    shift_per_output = shift.reshape(groups, 1, c_in_per_group)
+    blocks = weight.reshape(groups, c_out // groups, c_in_per_group, -1)
+    folded_weight = (blocks * per_output[..., None]).reshape(weight.shape)
+    added = (blocks.sum(-1) * shift_per_output).sum(-1).reshape(c_out)
+    folded_bias = added if bias is None else bias + added
     return folded_weight, folded_bias

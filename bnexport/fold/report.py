@@ -18,13 +18,15 @@ class FoldRecord:
     status: str  # FOLDED or KEPT
     folded_into: str | None = None
     reason: str | None = None
+    position: str | None = None  # "after" the layer it was folded into (layer → BN), or "before" it (BN → layer)
 
 
 @dataclass
 class FoldReport:
     source: str  # "torch" or "onnx"
     records: list[FoldRecord] = field(default_factory=list)
-    parity: dict | None = None  # a ParityResult's JSON when the fold was checked
+    parity: dict | None = None  # a ParityReport's JSON when the fold was checked
+    divergence: dict | None = None  # the drill-down's first diverging layer when the check failed
 
     @property
     def folded(self) -> list[FoldRecord]:
@@ -42,10 +44,19 @@ class FoldReport:
             "kept": len(self.kept),
             "records": [asdict(r) for r in self.records],
             "parity": self.parity,
+            "divergence": self.divergence,
         }
 
     def table(self) -> str:
         rows = [("batchnorm", "status", "folded into / reason")]
-        rows += [(r.batchnorm, r.status, r.folded_into if r.status == FOLDED else (r.reason or "")) for r in self.records]
+        rows += [(r.batchnorm, r.status, _decision(r)) for r in self.records]
+        if not self.records:
+            return "no BatchNorm in the model: nothing to fold"
         return format_table(rows) + f"\n{len(self.folded)} of {len(self.records)} BatchNorm folded"
+
+
+def _decision(record: FoldRecord) -> str:
+    if record.status != FOLDED:
+        return record.reason or ""
+    return f"{record.folded_into} (BN {record.position} it)" if record.position else str(record.folded_into)
 

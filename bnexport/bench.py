@@ -1,0 +1,117 @@
+"""Inference latency: what folding BatchNorm buys at run time, per runtime and batch size.
+
+Each runner is timed on the same seeded input: a few warm-up calls, then repeated calls
+until both ``min_runs`` and ``min_seconds`` are reached; the median is reported, with its
+ratio to the first runner (the baseline) at the same batch size.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import onnx
+import torch
+
+from .config import DEFAULT_SEED
+from .tables import format_table
+
+Runner = Callable[[np.ndarray], object]
+
+
+@dataclass
+class Timing:
+    name: str
+    batch: int
+    median_ms: float
+    min_ms: float
+    runs: int
+    ratio: float  # median / the baseline's median at this batch size
+
+
+@dataclass
+class BenchReport:
+    model: str
+    baseline: str
+    threads: int
+    timings: list[Timing] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "baseline": self.baseline, "threads": self.threads,
+                "timings": [asdict(t) for t in self.timings]}
+
+    def table(self) -> str:
+        rows = [("runtime", "batch", "median ms", "min ms", f"vs {self.baseline}")]
+        rows += [(t.name, str(t.batch), f"{t.median_ms:.3f}", f"{t.min_ms:.3f}", f"{t.ratio:.2f}×") for t in self.timings]
+        return format_table(rows) + f"\n{self.model}; {self.threads} thread(s) for torch and ONNX Runtime; median of repeated calls"
+
+
+def measure(run: Callable[[], object], *, warmup: int = 3, min_runs: int = 10, min_seconds: float = 0.5) -> list[float]:
+    """Seconds per call, after ``warmup`` calls."""
+    for _ in range(warmup):
+        run()
+    times: list[float] = []
+    started = time.perf_counter()
+    while len(times) < min_runs or time.perf_counter() - started < min_seconds:
+        begin = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - begin)
+    return times
+
+
+def bench(runners: dict[str, Runner], input_shape: tuple[int, ...], *, batches: tuple[int, ...] = (1, 64),
+          model: str = "model", seed: int = DEFAULT_SEED, min_seconds: float = 0.5, min_runs: int = 10) -> BenchReport:
+    """Time every runner at every batch size; the first runner is the baseline."""
+    from .parity import seeded_input
+
+    baseline = next(iter(runners))
+    report = BenchReport(model=model, baseline=baseline, threads=torch.get_num_threads())
+    for batch in batches:
+        inputs = seeded_input((batch, *input_shape[1:]), seed=seed)
+        base_median = None
+        for name, runner in runners.items():
+            times = measure(lambda: runner(inputs), min_seconds=min_seconds, min_runs=min_runs)
+            median = statistics.median(times)
+            base_median = median if base_median is None else base_median
+            report.timings.append(Timing(name, batch, median * 1e3, min(times) * 1e3, len(times), median / base_median))
+    return report
+
+
+def onnx_runners(unfolded: onnx.ModelProto, folded: onnx.ModelProto | None, *, threads: int | None = None) -> dict[str, Runner]:
+    """ONNX Runtime (CPU) with its graph optimisations disabled and at their default, unfolded and folded."""
+    from .export import onnx_bytes
+    from .parity import onnxruntime_runner
+
+    runners = {}
+    for label, model in (("unfolded", unfolded), ("folded", folded)):
+        if model is None:
+            continue
+        data = onnx_bytes(model)
+        runners[f"ORT {label} (no graph opt)"] = onnxruntime_runner(data, optimize=False, threads=threads)
+        runners[f"ORT {label} (default opt)"] = onnxruntime_runner(data, optimize=True, threads=threads)
+    return runners
+
+
+def module_runners(module: torch.nn.Module, example: torch.Tensor, *, threads: int | None = None) -> dict[str, Runner]:
+    """Eager unfolded (the baseline) and folded, TorchScript folded, and ONNX Runtime on both exports."""
+    from .export import to_onnx
+    from .fold import fold_module, fold_onnx
+    from .parity import eager_runner
+
+    folded, _ = fold_module(module, example_input=example)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scripted = torch.jit.script(folded).eval()
+    unfolded_onnx = to_onnx(module, example)
+    folded_onnx, _ = fold_onnx(unfolded_onnx)
+    runners = {
+        "eager unfolded": eager_runner(module),
+        "eager folded": eager_runner(folded),
+        "TorchScript folded": eager_runner(scripted),
+    }
+    runners.update(onnx_runners(unfolded_onnx, folded_onnx, threads=threads))
+    return runners

@@ -1,0 +1,176 @@
+"""fold, inspect, parity and bench through the real command, and their answers to bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import helper, numpy_helper
+
+from bnexport.artifacts import sha256_file
+from bnexport.cli import main
+from bnexport.export import op_counts, save_onnx
+from conftest import assert_one_line_error, run_bnexport
+from fold.models import bn_initializers, bn_node, onnx_model
+
+
+def test_fold_onnx_writes_model_and_report(tiny_run, tmp_path):
+    source = tiny_run / "model.onnx"
+    digest = sha256_file(source)
+    out, report_path = tmp_path / "folded.onnx", tmp_path / "report.json"
+    result = run_bnexport("fold", source, "-o", out, "--report", report_path)
+    assert result.returncode == 0, result.stderr
+    assert "1 of 1 BatchNorm folded" in result.stdout and "parity: max |Δ|" in result.stdout
+    assert sha256_file(source) == digest  # the input is never touched
+    folded = onnx.load(str(out))
+    onnx.checker.check_model(folded, full_check=True)
+    assert "BatchNormalization" not in op_counts(folded)
+    report = json.loads(report_path.read_text())
+    assert report["folded"] == 1 and report["records"][0]["status"] == "folded"
+    assert report["records"][0]["folded_into"] == next(n.name for n in folded.graph.node if n.op_type == "Conv")
+    assert report["parity"]["passed"] and report["parity"]["input_shape"] == [1, 1, 28, 28]
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".ts", ".pt2"])
+def test_fold_checkpoint_to_each_format(tiny_run, tmp_path, suffix):
+    out = tmp_path / f"folded{suffix}"
+    assert main(["fold", str(tiny_run / "checkpoint.pt"), "-o", str(out)]) == 0
+    assert out.stat().st_size > 1000
+    if suffix == ".onnx":
+        assert "BatchNormalization" not in op_counts(onnx.load(str(out)))
+
+
+def test_fold_in_place_and_no_check(tiny_run, tmp_path, capsys):
+    target = tmp_path / "model.onnx"
+    target.write_bytes((tiny_run / "model.onnx").read_bytes())
+    assert main(["fold", str(target), "--in-place", "--no-check", "--report", str(tmp_path / "r.json")]) == 0
+    assert "BatchNormalization" not in op_counts(onnx.load(str(target)))
+    assert json.loads((tmp_path / "r.json").read_text())["parity"] is None
+
+
+def test_fold_keeps_external_data(tiny_run, tmp_path):
+    source = tmp_path / "ext.onnx"
+    save_onnx(onnx.load(str(tiny_run / "model.onnx")), source, external_data=True)
+    assert main(["fold", str(source), "-o", str(tmp_path / "out.onnx")]) == 0
+    assert (tmp_path / "out.onnx.data").stat().st_size > 100_000
+    stored = onnx.load(str(tmp_path / "out.onnx"), load_external_data=False)
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in stored.graph.initializer)
+
+
+def test_model_without_bn_folds_to_itself(tmp_path, capsys):
+    model = onnx_model([helper.make_node("Relu", ["x"], ["y"], name="relu")], [1, 3], [1, 3], [])
+    save_onnx(model, tmp_path / "plain.onnx")
+    assert main(["fold", str(tmp_path / "plain.onnx"), "-o", str(tmp_path / "out.onnx")]) == 0
+    assert "has no BatchNorm" in capsys.readouterr().out
+    assert onnx.load(str(tmp_path / "out.onnx")) == model
+
+
+def _negative_variance_model(path):
+    rng = np.random.default_rng(0)
+    variance = rng.random(4) + 0.5
+    variance[0] = -2.0
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 2, 1, 1)).astype(np.float32), "w"),
+             *bn_initializers("suspicious_bn", 4, rng, var=variance)]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv"), bn_node("suspicious_bn", "c", "y")]
+    save_onnx(onnx_model(nodes, [1, 2, 3, 3], [1, 4, 3, 3], inits), path)
+
+
+def _bad_input(kind: str, tmp_path, tiny_run):
+    """(input path, fragments the one-line error must contain)."""
+    if kind == "missing":
+        return tmp_path / "nothing.onnx", ["nothing.onnx", "not found"]
+    if kind == "not-onnx":
+        path = tmp_path / "notes.onnx"
+        path.write_text("these are not the weights you are looking for\n" * 20)
+        return path, ["notes.onnx", "not"]
+    if kind == "truncated":
+        path = tmp_path / "cut.onnx"
+        data = (tiny_run / "model.onnx").read_bytes()
+        path.write_bytes(data[: len(data) * 2 // 3])
+        return path, ["cut.onnx", "not"]
+    if kind == "external-data-missing":
+        path = tmp_path / "ext.onnx"
+        save_onnx(onnx.load(str(tiny_run / "model.onnx")), path, external_data=True)
+        (tmp_path / "ext.onnx.data").unlink()
+        return path, ["ext.onnx", "external data"]
+    if kind == "negative-variance":
+        path = tmp_path / "stats.onnx"
+        _negative_variance_model(path)
+        return path, ["stats.onnx", "suspicious_bn", "negative"]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize("kind", ["missing", "not-onnx", "truncated", "external-data-missing", "negative-variance"])
+def test_fold_bad_input(kind, tmp_path, tiny_run, capsys):
+    source, fragments = _bad_input(kind, tmp_path, tiny_run)
+    before = sha256_file(source) if source.exists() else None
+    out = tmp_path / "out.onnx"
+    code = main(["fold", str(source), "-o", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert all(fragment in err for fragment in fragments), err
+    assert not out.exists() and not (tmp_path / "out.onnx.data").exists()
+    assert (sha256_file(source) if source.exists() else None) == before
+
+
+def test_fold_refuses_to_overwrite_its_input(tiny_run, tmp_path):
+    target = tmp_path / "model.onnx"
+    target.write_bytes((tiny_run / "model.onnx").read_bytes())
+    digest = sha256_file(target)
+    result = run_bnexport("fold", target, "-o", tmp_path / "." / "model.onnx")
+    assert_one_line_error(result, "model.onnx", "--in-place")
+    assert sha256_file(target) == digest
+    assert_one_line_error(run_bnexport("fold", tiny_run / "checkpoint.pt", "-o", tmp_path / "x.txt"), "checkpoint", ".onnx")
+
+
+def test_inspect_table_and_json(tiny_run, capsys):
+    assert main(["inspect", str(tiny_run / "model.onnx")]) == 0
+    table = capsys.readouterr().out
+    assert "BatchNormalization" in table and "1 of 1 BatchNormalization foldable" in table and "images" in table
+    assert main(["inspect", str(tiny_run / "model.onnx"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["op_counts"]["BatchNormalization"] == 1 and info["opsets"][""] == 18
+    assert info["inputs"] == [{"name": "images", "dtype": "float", "shape": ["batch", 1, 28, 28]}]
+    assert info["outputs"][0]["name"] == "logits"
+    assert info["parameters"] == 16 * 9 + 16 + 16 * 4 + 16 * 14 * 14 * 10 + 10  # conv, BN's 4, fc
+    (bn,) = info["batchnorms"]
+    assert bn["input_from"].startswith("Conv ") and bn["output_to"][0].startswith("Relu ") and bn["foldable"]
+
+
+def test_parity_exit_codes(tiny_run, tmp_path):
+    reference = tiny_run / "model.onnx"
+    agree = run_bnexport("parity", reference, tiny_run / "model.folded.onnx", "--json")
+    assert agree.returncode == 0, agree.stderr
+    result = json.loads(agree.stdout)
+    assert result["passed"] and result["results"][0]["max_rel"] < 1e-5 and result["input_shape"] == [1, 1, 28, 28]
+    # a checkpoint against an ONNX file
+    assert main(["parity", str(tiny_run / "checkpoint.pt"), str(tiny_run / "model.folded.onnx")]) == 0
+    # a model whose conv weights were nudged must be told apart
+    nudged = onnx.load(str(reference))
+    weight = next(t for t in nudged.graph.initializer if len(t.dims) == 4)
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 1.05, weight.name))
+    save_onnx(nudged, tmp_path / "nudged.onnx")
+    assert main(["parity", str(reference), str(tmp_path / "nudged.onnx")]) == 1
+    assert main(["parity", str(reference), str(tmp_path / "nudged.onnx"), "--rtol", "1"]) == 0
+    assert main(["parity", str(reference), str(tmp_path / "missing.onnx")]) == 2
+
+
+def test_bench_json(tiny_run, capsys):
+    code = main(["bench", str(tiny_run / "model.onnx"), "--batch", "1", "4", "--min-seconds", "0.02", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    names = {t["name"] for t in report["timings"]}
+    assert names == {"ORT unfolded (no graph opt)", "ORT unfolded (default opt)", "ORT folded (no graph opt)", "ORT folded (default opt)"}
+    assert sorted({t["batch"] for t in report["timings"]}) == [1, 4]
+    for timing in report["timings"]:
+        assert timing["median_ms"] > 0 and timing["runs"] >= 10
+        if timing["name"] == report["baseline"]:
+            assert timing["ratio"] == 1.0
+
+
+def test_help_lists_the_new_commands():
+    result = run_bnexport("--help")
+    for command in ("fold", "inspect", "parity", "bench"):
+        assert command in result.stdout

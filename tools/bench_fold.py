@@ -1,0 +1,413 @@
+"""Benchmark: how fast bnexport folds BatchNorm, how much memory it takes, and which BNs each tool folds.
+
+    python tools/bench_fold.py [--repeats 5] [--json out.json] [--skip-coverage]
+
+1. Speed, on resnet50 (weights=None, randomized BN statistics): our ONNX fold against
+   onnxoptimizer's ``fuse_bn_into_conv`` and onnxsim's ``simplify``, and our module fold
+   against ``torch.fx.experimental.optimization.fuse``; the parity check is excluded.
+   Each figure is the median of ``--repeats`` runs after one warm-up.
+2. Scaling: chains of n Conv→BN pairs; the time per BN should stay flat as n grows.
+3. Peak memory: the process's extra resident memory during each fold, sampled every
+   millisecond, in units of the model's weight bytes.
+4. Coverage: on zoo models from both ONNX exporters and on small models with one pattern
+   each, how many BatchNorms each tool folds, and the error of its output relative to the
+   output's scale (ONNX Runtime with graph optimisations off is the reference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import io
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+import torchvision
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bnexport.export import onnx_bytes  # noqa: E402
+from bnexport.fold import fold_module, fold_onnx  # noqa: E402
+from bnexport.tables import format_table  # noqa: E402
+
+INPUT = (1, 3, 64, 64)
+
+
+# models --------------------------------------------------------------------------------
+
+def randomize_bn(module: nn.Module, seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            with torch.no_grad():
+                m.running_mean.copy_(torch.randn(m.num_features, generator=g))
+                m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+                    m.bias.copy_(torch.randn(m.num_features, generator=g))
+    return module.eval()
+
+
+def torchscript_onnx(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), buffer, dynamo=False, do_constant_folding=False, opset_version=18)
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def dynamo_onnx(module: nn.Module, example: torch.Tensor) -> onnx.ModelProto:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.onnx.export(module, (example,), dynamo=True, optimize=False, verbose=False).model_proto
+
+
+def conv_bn_chain(pairs: int, channels: int = 8) -> nn.Module:
+    layers = []
+    for _ in range(pairs):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels), nn.ReLU()]
+    return randomize_bn(nn.Sequential(*layers))
+
+
+class SharedConv(nn.Module):
+    """One conv module called at two sites, each followed by its own BN."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(3), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        return self.bn_a(self.conv(x)) + self.bn_b(self.conv(x * 2))
+
+
+def pattern_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    """One pattern per model, with the input shape it takes."""
+    return {
+        "Conv→BN (SimpleCNN)": (nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()), (1, 3, 16, 16)),
+        "ConvTranspose→BN": (nn.Sequential(nn.ConvTranspose2d(8, 8, 3, stride=2), nn.BatchNorm2d(8)), (1, 8, 8, 8)),
+        "ConvTranspose(groups=2)→BN": (nn.Sequential(nn.ConvTranspose2d(8, 8, 3, stride=2, groups=2), nn.BatchNorm2d(8)), (1, 8, 8, 8)),
+        "Linear→BN1d": (nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8)), (2, 16)),
+        "BN→Conv (no padding)": (nn.Sequential(nn.BatchNorm2d(3), nn.Conv2d(3, 8, 3)), (1, 3, 16, 16)),
+        "BN→Linear": (nn.Sequential(nn.BatchNorm1d(16), nn.Linear(16, 8)), (2, 16)),
+        "shared conv, two BNs": (SharedConv(), (1, 3, 16, 16)),
+    }
+
+
+def zoo_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
+    return {
+        "resnet18": (torchvision.models.resnet18(weights=None), INPUT),
+        "mobilenet_v2": (torchvision.models.mobilenet_v2(weights=None), INPUT),
+        "vgg11_bn": (torchvision.models.vgg11_bn(weights=None), (1, 3, 224, 224)),
+        "densenet121": (torchvision.models.densenet121(weights=None), INPUT),
+    }
+
+
+# the tools -----------------------------------------------------------------------------
+
+def ours_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
+    return fold_onnx(model, check=False)[0]
+
+
+def onnxoptimizer_fuse(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxoptimizer
+
+    return onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])
+
+
+def onnxsim_simplify(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxsim
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return onnxsim.simplify(model)[0]
+
+
+def ort_fusion(model: onnx.ModelProto) -> onnx.ModelProto:
+    """ONNX Runtime's own basic-level rewrites (Conv+BN fusion among them), saved back as ONNX."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath)
+
+
+def ours_module(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    return fold_module(module, check=False, example_input=example)[0]
+
+
+def fx_fuse(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    from torch.fx.experimental.optimization import fuse
+
+    return fuse(module)
+
+
+ONNX_TOOLS = {"bnexport": ours_onnx, "onnxoptimizer": onnxoptimizer_fuse, "onnxsim": onnxsim_simplify, "ORT fusion": ort_fusion}
+MODULE_TOOLS = {"bnexport": ours_module, "fx.fuse": fx_fuse}
+
+
+# measuring -----------------------------------------------------------------------------
+
+def median_seconds(run, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        gc.collect()
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def _rss_bytes() -> int:
+    with open("/proc/self/statm") as handle:
+        return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_extra_memory(run) -> int:
+    """Largest resident memory above the level just before ``run``, sampled every millisecond.
+
+    Meaningful only in a fresh process: memory an earlier run freed can stay resident and be
+    reused unseen, which is why ``speed`` measures each tool in its own subprocess.
+    """
+    gc.collect()
+    baseline = _rss_bytes()
+    peak = baseline
+    done = threading.Event()
+
+    def sample():
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_bytes())
+            time.sleep(0.001)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    result = run()
+    done.set()
+    sampler.join()
+    peak = max(peak, _rss_bytes())
+    del result
+    return peak - baseline
+
+
+def count_bn(model) -> int:
+    """BatchNorms the model still runs: ONNX nodes, or BN call sites of an fx graph, or BN modules."""
+    if isinstance(model, onnx.ModelProto):
+        return sum(n.op_type == "BatchNormalization" for n in model.graph.node)
+    if isinstance(model, torch.fx.GraphModule):  # fx.fuse leaves the BN modules registered, unused
+        modules = dict(model.named_modules())
+        return sum(node.op == "call_module" and isinstance(modules[node.target], nn.modules.batchnorm._BatchNorm)
+                   for node in model.graph.nodes)
+    return sum(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    return float(np.abs(reference - candidate).max() / max(np.abs(reference).max(), 1e-30))
+
+
+def ort_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(onnx_bytes(model), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: x})[0]
+
+
+# the four parts --------------------------------------------------------------------------
+
+def speed(repeats: int) -> dict:
+    torch.manual_seed(0)
+    module = randomize_bn(torchvision.models.resnet50(weights=None))
+    example = torch.zeros(INPUT)
+    model = torchscript_onnx(module, example)
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.state_dict().values())
+    rows = {}
+    for name, tool in ONNX_TOOLS.items():
+        if name == "ORT fusion":
+            continue  # builds a session, not a model rewrite: not comparable in time
+        rows[f"ONNX: {name}"] = median_seconds(lambda: tool(model), repeats)
+    for name, tool in MODULE_TOOLS.items():
+        rows[f"module: {name}"] = median_seconds(lambda: tool(module, example), repeats)
+    memory = {}
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "resnet50.onnx"
+        path.write_bytes(onnx_bytes(model))
+        for name in rows:
+            probe = subprocess.run([sys.executable, __file__, "--memory-probe", name, str(path)],
+                                   capture_output=True, text=True, check=True)
+            memory[name] = int(probe.stdout.split()[-1]) / weight_bytes
+    return {"model": "resnet50", "batchnorm": count_bn(module), "weight_mib": weight_bytes / 2**20,
+            "seconds": rows, "peak_extra_memory_in_weights": memory}
+
+
+def scaling(repeats: int) -> list[dict]:
+    rows = []
+    for pairs in (25, 50, 100, 200):
+        module = conv_bn_chain(pairs)
+        example = torch.zeros(1, 8, 8, 8)
+        model = torchscript_onnx(module, example)
+        onnx_seconds = median_seconds(lambda: ours_onnx(model), repeats)
+        module_seconds = median_seconds(lambda: ours_module(module, example), repeats)
+        rows.append({"batchnorm": pairs, "onnx_seconds": onnx_seconds, "module_seconds": module_seconds,
+                     "onnx_ms_per_bn": onnx_seconds / pairs * 1e3, "module_ms_per_bn": module_seconds / pairs * 1e3})
+    return rows
+
+
+def _tool_result(tool, *args, reference=None, run=None) -> dict:
+    """BNs left and relative error of one tool's output; an exception is reported, not raised."""
+    try:
+        output = tool(*args)
+    except Exception as err:  # a baseline tool failing is a finding, not a benchmark error
+        return {"error": f"{type(err).__name__}: {str(err).splitlines()[0][:80] if str(err) else ''}"}
+    try:
+        error = relative_error(reference, run(output))
+    except Exception as err:
+        return {"left": count_bn(output), "error": f"output does not run: {type(err).__name__}"}
+    return {"left": count_bn(output), "rel_error": error}
+
+
+def coverage() -> list[dict]:
+    rows = []
+    cases = {**pattern_models(), **zoo_models()}
+    for name, (module, shape) in cases.items():
+        torch.manual_seed(0)
+        module = randomize_bn(module)
+        example = torch.from_numpy(np.random.default_rng(0).standard_normal(shape).astype(np.float32))
+        x = example.numpy()
+        with torch.no_grad():
+            reference = module(example).numpy()
+        total = count_bn(module)
+        row = {"model": name, "batchnorm": total, "tools": {}}
+        for tool_name, tool in MODULE_TOOLS.items():
+            def run(m):
+                with torch.no_grad():
+                    return m(example).numpy()
+            row["tools"][f"module: {tool_name}"] = _tool_result(lambda m: tool(m, example), copy.deepcopy(module),
+                                                               reference=reference, run=run)
+        for exporter_name, exporter in (("TorchScript", torchscript_onnx), ("dynamo", dynamo_onnx)):
+            try:
+                model = exporter(module, example)
+            except Exception as err:  # an exporter limitation, reported in the table
+                row["tools"][f"{exporter_name} export"] = {"error": f"{type(err).__name__}"}
+                continue
+            onnx_reference = ort_output(model, x)
+            row.setdefault("onnx_batchnorm", {})[exporter_name] = count_bn(model)
+            for tool_name, tool in ONNX_TOOLS.items():
+                row["tools"][f"{exporter_name}: {tool_name}"] = _tool_result(
+                    tool, model, reference=onnx_reference, run=lambda m: ort_output(m, x))
+        rows.append(row)
+        print(f"  coverage: {name} done", file=sys.stderr)
+    return rows
+
+
+# output ---------------------------------------------------------------------------------
+
+def speed_table(result: dict) -> str:
+    seconds = result["seconds"]
+    ours = {"ONNX": seconds["ONNX: bnexport"], "module": seconds["module: bnexport"]}
+    rows = [("fold", "seconds", "time ÷ bnexport's", "extra peak memory (× weights)")]
+    for name, value in seconds.items():
+        world = name.split(":")[0]
+        rows.append((name, f"{value:.3f}", f"{value / ours[world]:.2f}×", f"{result['peak_extra_memory_in_weights'][name]:.2f}"))
+    return format_table(rows)
+
+
+def memory_probe(tool_name: str, onnx_path: str) -> int:
+    """Run one tool once in this fresh process; return its extra peak resident bytes."""
+    world, name = tool_name.split(": ")
+    if world == "ONNX":
+        model = onnx.load(onnx_path)
+        tool = ONNX_TOOLS[name]
+        return peak_extra_memory(lambda: tool(model))
+    torch.manual_seed(0)
+    module = randomize_bn(torchvision.models.resnet50(weights=None))
+    example = torch.zeros(INPUT)
+    tool = MODULE_TOOLS[name]
+    return peak_extra_memory(lambda: tool(module, example))
+
+
+def scaling_table(rows: list[dict]) -> str:
+    table = [("Conv→BN pairs", "ONNX fold s", "ms per BN", "module fold s", "ms per BN")]
+    table += [(str(r["batchnorm"]), f"{r['onnx_seconds']:.3f}", f"{r['onnx_ms_per_bn']:.2f}",
+               f"{r['module_seconds']:.3f}", f"{r['module_ms_per_bn']:.2f}") for r in rows]
+    return format_table(table)
+
+
+def coverage_table(rows: list[dict]) -> str:
+    tools = sorted({t for r in rows for t in r["tools"]}, key=lambda t: (t.split(":")[0] != "module", t))
+    table = [("model", "BN", *tools)]
+    for r in rows:
+        cells = []
+        for tool in tools:
+            result = r["tools"].get(tool)
+            if result is None:
+                cells.append("")
+            elif "left" not in result:
+                cells.append(f"fails ({result['error']})")
+            else:
+                total = r.get("onnx_batchnorm", {}).get(tool.split(":")[0], r["batchnorm"]) if not tool.startswith("module") else r["batchnorm"]
+                folded = total - result["left"]
+                wrong = " WRONG" if result.get("rel_error", 0) > 1e-4 else ""
+                error = f" {result['rel_error']:.0e}" if "rel_error" in result else f" ({result['error']})"
+                cells.append(f"{folded}/{total}{error}{wrong}")
+        table.append((r["model"], str(r["batchnorm"]), *cells))
+    return format_table(table)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--skip-coverage", action="store_true")
+    parser.add_argument("--memory-probe", nargs=2, metavar=("TOOL", "ONNX"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        print(memory_probe(*args.memory_probe))
+        return 0
+    torch.manual_seed(0)
+    results = {"threads": torch.get_num_threads(), "versions": versions()}
+    results["speed"] = speed(args.repeats)
+    print(f"resnet50 ({results['speed']['batchnorm']} BN, {results['speed']['weight_mib']:.0f} MiB of weights), "
+          f"median of {args.repeats}, parity check excluded:")
+    print(speed_table(results["speed"]), "\n")
+    results["scaling"] = scaling(args.repeats)
+    print(scaling_table(results["scaling"]), "\n")
+    if not args.skip_coverage:
+        results["coverage"] = coverage()
+        print("BatchNorm folded / total, and max |Δ| / max |reference| of the tool's output:")
+        print(coverage_table(results["coverage"]))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+def versions() -> dict:
+    import onnxoptimizer
+    import onnxruntime
+    import onnxsim
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+            "onnxoptimizer": onnxoptimizer.__version__, "onnxsim": onnxsim.__version__}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
