@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .config import TrainConfig
 from .errors import BnexportError
 
 DATASETS = ("bundled", "mnist", "fashion-mnist", "cifar10", "synthetic")
@@ -142,6 +143,13 @@ def load_dataset(
     if name in DATASETS:
         return load_torchvision(name, data_root, download=download)
     raise BnexportError(f"--dataset: unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
+
+
+def load_for_config(config: TrainConfig, *, download: bool | None = None) -> Dataset:
+    """The dataset a run's config names; ``download`` overrides the config's own switch."""
+    return load_dataset(config.dataset, data_root=config.data_root,
+                        download=config.download if download is None else download, seed=config.seed,
+                        synthetic_shape=config.synthetic_shape, synthetic_size=config.synthetic_size)
 
 
 def epoch_generator(*, seed: int, epoch: int) -> torch.Generator:

@@ -18,7 +18,7 @@ import torch
 from . import export as exporters
 from .artifacts import atomic_path, library_versions, write_json, write_manifest
 from .config import ARTIFACTS, DEFAULT_TOLERANCE, PARITY_BATCH_SIZE, Tolerance, TrainConfig
-from .data import Dataset, load_dataset, parity_batch
+from .data import Dataset, load_for_config, parity_batch
 from .distributed import Replicas
 from .errors import BnexportError
 from .fold import fold_module, fold_onnx
@@ -103,11 +103,6 @@ def _timed(seconds: dict[str, float], stage: str):
     seconds[stage] = seconds.get(stage, 0.0) + time.perf_counter() - started
 
 
-def load_data(config: TrainConfig) -> Dataset:
-    return load_dataset(config.dataset, data_root=config.data_root, download=config.download, seed=config.seed,
-                        synthetic_shape=config.synthetic_shape, synthetic_size=config.synthetic_size)
-
-
 def replicas_line(record: dict) -> str:
     """One line for the summary table: ranks, and what happened to the BN statistics."""
     text = f"{record['world_size']} rank{'s' if record['world_size'] > 1 else ''} ({record['backend'] or 'no process group'}, {record['device']})"
@@ -135,7 +130,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: str | Path | None = 
     replicas.check_same("arguments", config.to_json())
     seconds = {} if seconds is None else seconds
     with _timed(seconds, "data"):
-        dataset = replicas.together(lambda: load_data(config))
+        dataset = replicas.together(lambda: load_for_config(config))
     replicas.check_same("data", dataset.describe())
     with _timed(seconds, "train"):
         if resume is not None:

@@ -13,11 +13,10 @@ from pathlib import Path
 
 from .artifacts import library_versions
 from .bnstats import Recalibration, batchnorm_layers, recalibrate, training_batches
-from .config import TrainConfig
-from .data import epoch_order, load_dataset
+from .data import epoch_order
 from .errors import BnexportError
 from .tables import format_table
-from .train import evaluate, load_checkpoint, model_from_checkpoint, save_payload
+from .train import evaluate, reopen_checkpoint, save_payload
 
 
 def default_output(checkpoint: Path) -> Path:
@@ -61,16 +60,10 @@ def recalibrate_checkpoint(checkpoint: str | Path, output: str | Path | None = N
         raise BnexportError(f"-o {output}: is a folder; name the new checkpoint file")
     if not output.parent.is_dir():
         raise BnexportError(f"-o {output}: folder {output.parent} does not exist")
-    payload = load_checkpoint(checkpoint)
-    model, spec = model_from_checkpoint(payload, path=checkpoint)
+    run = reopen_checkpoint(checkpoint)
+    payload, model, config, dataset = run.payload, run.model, run.config, run.dataset
     if not batchnorm_layers(model):
         raise BnexportError(f"{checkpoint}: the model has no BatchNorm layers to recalibrate")
-    config = TrainConfig.from_json(payload["config"])
-    dataset = load_dataset(config.dataset, data_root=config.data_root, download=False, seed=config.seed,
-                           synthetic_shape=config.synthetic_shape, synthetic_size=config.synthetic_size)
-    if tuple(dataset.image_shape) != spec.input_shape:
-        raise BnexportError(f"{checkpoint}: its model takes {list(spec.input_shape)} images, but its dataset "
-                            f"{config.dataset} now gives {list(dataset.image_shape)}")
     accuracy_before = evaluate(model, dataset.test_images, dataset.test_labels)
     images = dataset.train_images
     order = epoch_order(len(images), seed=config.seed, epoch=0)

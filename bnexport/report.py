@@ -91,7 +91,7 @@ def render_report(*, figures, health, effects, config: dict, dataset: dict, hist
     from . import __version__
 
     accuracy = history.test_accuracy[-1] if history.test_accuracy else None
-    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+    parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
              "<meta name='viewport' content='width=device-width, initial-scale=1'>",
              f"<title>bnexport report: {_e(dataset['name'])}, {_percent(accuracy)}</title>",
              f"<style>{STYLE}</style></head><body>",

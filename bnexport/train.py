@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from .artifacts import atomic_path, library_versions
 from .config import TrainConfig
-from .data import Dataset, epoch_generator, epoch_order, random_shift
+from .data import Dataset, load_for_config, epoch_generator, epoch_order, random_shift
 from .distributed import Replicas
 from .errors import BnexportError
 from .model import ModelSpec, build_model
@@ -240,6 +240,30 @@ def model_from_checkpoint(payload: dict, *, path: str | Path = "checkpoint") -> 
     except (TypeError, RuntimeError, ValueError) as err:
         raise BnexportError(f"{path}: weights do not match the model it describes ({str(err).splitlines()[0][:200]})") from None
     return model.eval(), spec
+
+
+@dataclass
+class ReopenedRun:
+    """A checkpoint with its model rebuilt and its own dataset loaded again."""
+
+    payload: dict
+    model: nn.Module
+    spec: ModelSpec
+    config: TrainConfig
+    dataset: Dataset
+
+
+def reopen_checkpoint(path: str | Path) -> ReopenedRun:
+    """Load a checkpoint, rebuild its eval-mode model and reload the data it was trained on
+    (never downloading), refusing a dataset whose images no longer fit the model."""
+    payload = load_checkpoint(path)
+    model, spec = model_from_checkpoint(payload, path=path)
+    config = TrainConfig.from_json(payload["config"])
+    dataset = load_for_config(config, download=False)
+    if tuple(dataset.image_shape) != spec.input_shape:
+        raise BnexportError(f"{path}: its model takes {list(spec.input_shape)} images, but its dataset "
+                            f"{config.dataset} gives {list(dataset.image_shape)}")
+    return ReopenedRun(payload, model, spec, config, dataset)
 
 
 def resume_state(payload: dict, config: TrainConfig, dataset: Dataset, *, path: str | Path) -> TrainState:

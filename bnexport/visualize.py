@@ -17,13 +17,13 @@ import torch
 
 from .artifacts import prepare_out_dir, read_json
 from .config import ARTIFACTS, TrainConfig
-from .data import load_dataset, parity_batch
+from .data import parity_batch
 from .errors import BnexportError
 from .fold import load_onnx
 from .recording import BNStats, RunCurves
 from .report import write_report
 from .tables import format_table
-from .train import History, load_checkpoint, model_from_checkpoint
+from .train import History, reopen_checkpoint
 from .viz import (bn_layer, bn_params, graph, parity as parity_figures, running_stats, training,
                   activations as activation_figures)
 from .viz.common import FORMATS
@@ -89,15 +89,9 @@ def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_f
     checkpoint = _require(Path(checkpoint) if checkpoint else out / ARTIFACTS.checkpoint, hint)
     for name in REQUIRED:
         _require(out / name, hint)
-    payload = load_checkpoint(checkpoint)
-    model, spec = model_from_checkpoint(payload, path=checkpoint)
-    config = TrainConfig.from_json(payload["config"])
-    history = History.from_json(payload["history"])
-    dataset = load_dataset(config.dataset, data_root=config.data_root, download=False, seed=config.seed,
-                           synthetic_shape=config.synthetic_shape, synthetic_size=config.synthetic_size)
-    if tuple(dataset.image_shape) != spec.input_shape:
-        raise BnexportError(f"{checkpoint}: model expects {list(spec.input_shape)} images, "
-                            f"dataset {config.dataset} has {list(dataset.image_shape)}")
+    run = reopen_checkpoint(checkpoint)
+    model, config, dataset = run.model, run.config, run.dataset
+    history = History.from_json(run.payload["history"])
     images = parity_batch(dataset, seed=config.seed, size=VIZ_BATCH_SIZE)
     parity = read_json(out / ARTIFACTS.parity)
     with np.load(out / ARTIFACTS.parity_outputs) as archive:
