@@ -153,7 +153,7 @@ def exported_program_runner(path: str | Path) -> Runner:
     return eager_runner(program.module())
 
 
-def ort_session(path_or_bytes: str | Path | bytes, *, optimize: bool, providers: list[str] | None = None,
+def ort_session(path_or_bytes: str | Path | bytes, *, optimize: bool, providers: list | None = None,
                 threads: int | None = None):
     import onnxruntime as ort
 
@@ -199,15 +199,10 @@ def onnxruntime_cuda_runner(path: str | Path, *, optimize: bool = False) -> Runn
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return None
-    options = ort.SessionOptions()
-    options.graph_optimization_level = (
-        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    )
-    options.log_severity_level = 3
     for provider_options in ({"use_tf32": "0"}, {}):  # older releases do not know use_tf32 (and had TF32 off)
         try:
-            session = ort.InferenceSession(str(path), options, providers=[("CUDAExecutionProvider", provider_options)])
-        except Exception:  # noqa: BLE001 - missing CUDA libraries or an unknown option: try the next, then give up
+            session = ort_session(path, optimize=optimize, providers=[("CUDAExecutionProvider", provider_options)])
+        except BnexportError:  # missing CUDA libraries or an unknown option: try the next, then give up
             continue
         if session.get_providers()[0] == "CUDAExecutionProvider":
             input_name = session.get_inputs()[0].name
