@@ -83,16 +83,24 @@ def sha256_file(path: str | Path) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    """The versions that decide an artifact's numbers; saved next to every artifact."""
-    versions = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "numpy"):
-        try:
-            module = __import__(name)
-            versions[name] = str(getattr(module, "__version__", "unknown"))
-        except ImportError:
-            continue
+    """The versions that decide an artifact's numbers; saved next to every artifact.
+
+    A module already imported reports its own ``__version__`` (torch's includes the build,
+    e.g. +cu130); the others are read from their distributions' metadata, since importing
+    torchvision, onnxruntime and onnxscript only to ask costs seconds on every run.
+    """
+    import sys
+    from importlib import metadata
+
     from . import __version__
 
+    versions = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "onnx", "onnxruntime", "onnxscript", "numpy"):
+        module = sys.modules.get(name)
+        try:
+            versions[name] = str(getattr(module, "__version__", None) or metadata.version(name))
+        except metadata.PackageNotFoundError:
+            continue
     versions["bnexport"] = __version__
     return versions
 

@@ -102,12 +102,12 @@ def module_runners(module: torch.nn.Module, example: torch.Tensor, *, threads: i
     from .fold import fold_module, fold_onnx
     from .parity import eager_runner
 
-    folded, _ = fold_module(module, example_input=example)
+    folded, _ = fold_module(module, example_input=example, check=False)  # bench times; `fold` and `parity` verify
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scripted = torch.jit.script(folded).eval()
     unfolded_onnx = to_onnx(module, example)
-    folded_onnx, _ = fold_onnx(unfolded_onnx)
+    folded_onnx, _ = fold_onnx(unfolded_onnx, check=False)
     runners = {
         "eager unfolded": eager_runner(module),
         "eager folded": eager_runner(folded),

@@ -306,9 +306,18 @@ def _fold_output(args: argparse.Namespace) -> Path:
         raise BnexportError("-o OUTPUT is required (or --in-place to overwrite the input)")
     if args.output.resolve() == args.model.resolve():
         raise BnexportError(f"{args.output}: the output path is the input; pass --in-place to overwrite it")
-    if not args.output.parent.is_dir():
-        raise BnexportError(f"{args.output}: folder {args.output.parent} does not exist")
+    _check_new_file(args.output, "-o")
     return args.output
+
+
+def _check_new_file(path: Path, flag: str, *, not_any_of: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, an output that is a folder, sits in no folder, or is another file of the run."""
+    if path.is_dir():
+        raise BnexportError(f"{flag} {path}: is a folder; name a file")
+    if not path.parent.is_dir():
+        raise BnexportError(f"{flag} {path}: folder {path.parent} does not exist")
+    if any(path.resolve() == other.resolve() for other in not_any_of):
+        raise BnexportError(f"{flag} {path}: that is the model itself; name another file")
 
 
 CHECKPOINT_OUTPUTS = (".onnx", ".ts", ".pt2")
@@ -329,6 +338,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from .sources import load_source
 
     output = _fold_output(args)
+    if args.report is not None:
+        _check_new_file(args.report, "--report", not_any_of=(args.model, output))
     source = load_source(args.model, needs_input_shape=not args.no_check and args.input_shape is None)
     if source.kind == "checkpoint" and (args.in_place or output.suffix not in CHECKPOINT_OUTPUTS):
         raise BnexportError(f"{args.model}: a checkpoint folds into a new file ending in {', '.join(CHECKPOINT_OUTPUTS)}, not {output.name}")
@@ -436,7 +447,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if source.kind == "onnx":
-        folded, _ = fold_onnx(source.onnx_model, input_shape=shape, seed=args.seed)
+        folded, _ = fold_onnx(source.onnx_model, check=False)  # bench times; `fold` and `parity` verify
         runners = onnx_runners(source.onnx_model, folded, threads=args.threads)
     else:
         runners = module_runners(source.module, torch.zeros((2, *shape[1:])), threads=args.threads)

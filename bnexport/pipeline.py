@@ -21,7 +21,7 @@ from .config import ARTIFACTS, DEFAULT_TOLERANCE, PARITY_BATCH_SIZE, Tolerance, 
 from .data import Dataset, load_for_config, parity_batch
 from .distributed import Replicas
 from .errors import BnexportError
-from .fold import fold_module, fold_onnx
+from .fold import FoldReport, fold_module, fold_onnx
 from .model import count_batchnorm
 from .parity import (ParityReport, eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
                      run_parity, torchscript_runner)
@@ -159,9 +159,9 @@ def replicas_record(replicas: Replicas | None) -> dict | None:
     return replicas.to_json()
 
 
-def export_all(model: torch.nn.Module, example: torch.Tensor, out: Path) -> tuple[dict, dict[str, dict[str, int]]]:
+def export_all(model: torch.nn.Module, folded_module: torch.nn.Module, torch_report: FoldReport,
+               example: torch.Tensor, out: Path) -> tuple[dict, dict[str, dict[str, int]]]:
     """Write every export, BN kept and folded; return (fold reports, ONNX op counts)."""
-    folded_module, torch_report = fold_module(model, check=False)
     exporters.export_torchscript(model, out / ARTIFACTS.torchscript)
     exporters.export_torchscript(folded_module, out / ARTIFACTS.torchscript_folded)
     exporters.export_program(model, example, out / ARTIFACTS.exported_program)
@@ -180,10 +180,9 @@ def export_all(model: torch.nn.Module, example: torch.Tensor, out: Path) -> tupl
     return reports, ops
 
 
-def check_exports(model: torch.nn.Module, out: Path, inputs: torch.Tensor, *, seed: int,
-                  tolerance: Tolerance = DEFAULT_TOLERANCE) -> ParityReport:
+def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: Path, inputs: torch.Tensor, *,
+                  seed: int, tolerance: Tolerance = DEFAULT_TOLERANCE) -> ParityReport:
     """Every export against the unfolded eager model, on the same seeded test batch."""
-    folded_module, _ = fold_module(model, check=False)
     candidates = {
         "eager folded": eager_runner(folded_module),
         "TorchScript": torchscript_runner(out / ARTIFACTS.torchscript),
@@ -239,9 +238,10 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
     model = state.model.eval()
     inputs = parity_batch(dataset, seed=config.seed, size=PARITY_BATCH_SIZE)
     with _timed(seconds, "export"):
-        reports, ops = export_all(model, inputs[:2], out)
+        folded_module, torch_report = fold_module(model, check=False)  # checked below, with every export
+        reports, ops = export_all(model, folded_module, torch_report, inputs[:2], out)
     with _timed(seconds, "parity"):
-        parity = check_exports(model, out, inputs, seed=config.seed, tolerance=tolerance)
+        parity = check_exports(model, folded_module, out, inputs, seed=config.seed, tolerance=tolerance)
     summary = RunSummary(
         dataset=dataset.describe(), config=config.to_json(), epochs=state.epoch,
         test_accuracy=state.history.test_accuracy[-1] if state.history.test_accuracy else None,

@@ -125,6 +125,29 @@ def test_fold_refuses_to_overwrite_its_input(tiny_run, tmp_path):
     assert_one_line_error(run_bnexport("fold", tiny_run / "checkpoint.pt", "-o", tmp_path / "x.txt"), "checkpoint", ".onnx")
 
 
+@pytest.mark.parametrize("where", ["report-is-a-folder", "report-folder-missing", "report-is-the-model", "output-is-a-folder"])
+def test_fold_refuses_bad_output_paths_before_writing(where, tiny_run, tmp_path, capsys):
+    model = tmp_path / "model.onnx"
+    model.write_bytes((tiny_run / "model.onnx").read_bytes())
+    digest = sha256_file(model)
+    out, report = tmp_path / "out.onnx", tmp_path / "report.json"
+    if where == "report-is-a-folder":
+        report, fragments = tmp_path, ["--report", "is a folder"]
+    elif where == "report-folder-missing":
+        report, fragments = tmp_path / "nowhere" / "r.json", ["--report", "does not exist"]
+    elif where == "report-is-the-model":
+        report, fragments = model, ["--report", "the model itself"]
+    else:
+        (tmp_path / "dir.onnx").mkdir()
+        out, fragments = tmp_path / "dir.onnx", ["-o", "is a folder"]
+    code = main(["fold", str(model), "-o", str(out), "--report", str(report)])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert all(fragment in err for fragment in fragments), err
+    assert sha256_file(model) == digest
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_inspect_table_and_json(tiny_run, capsys):
     assert main(["inspect", str(tiny_run / "model.onnx")]) == 0
     table = capsys.readouterr().out
