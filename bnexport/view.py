@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import select
 import signal
 import socket
 import subprocess
@@ -151,12 +152,17 @@ def start(models: list[str | Path], *, port: int = DEFAULT_PORT) -> list[ServedM
 
 def _wait_ready(model: ServedModel) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
-    line = model.process.stdout.readline()  # "ready", or "" when the child died
+    # select before readline: a child that hangs before it says anything must not hang us
+    answered, _, _ = select.select([model.process.stdout], [], [], START_TIMEOUT_S)
+    line = model.process.stdout.readline() if answered else ""  # "ready", or "" when the child died or hung
     if line.strip() != "ready":
         _stop(model.process)
         model.error_log.seek(0)
         errors = [text for text in model.error_log.read().strip().splitlines() if text.strip()]
-        reason = errors[-1] if errors else f"exit status {model.process.returncode}"
+        if not answered:
+            reason = f"no answer within {START_TIMEOUT_S:g} s"
+        else:
+            reason = errors[-1] if errors else f"exit status {model.process.returncode}"
         raise BnexportError(f"{HOST}:{model.port}: Netron could not serve {model.path}: {reason[:200]}")
     while time.monotonic() < deadline:
         try:

@@ -133,3 +133,10 @@ def test_netron_shows_batchnorm_only_before_folding(served):
         folded = netron_node_count(page, served[1].url, "BatchNormalization")
     assert unfolded[1] == 1 and folded[1] == 0
     assert folded[0] == unfolded[0] - 1  # the fold removed the BN node and nothing else
+
+
+def test_a_child_that_hangs_before_it_is_ready_times_out(tiny_run, monkeypatch):
+    monkeypatch.setattr(view, "_CHILD", "import time; time.sleep(60)")
+    monkeypatch.setattr(view, "START_TIMEOUT_S", 1.0)
+    with pytest.raises(BnexportError, match="Netron could not serve .*no answer within 1 s"):
+        view.start([tiny_run / "model.onnx"], port=0)
