@@ -144,6 +144,11 @@ class TrainingRecorder:
         # Under DDP the hook gets the wrapper; probing through the bare module keeps the
         # probe local to this rank (no collective in its forward).
         model = getattr(model, "module", model)
+        for name, module in list(self._bn_modules.items()):
+            current = model.get_submodule(name)
+            if current is not module:  # swapped during training (SyncBatchNorm under --sync-bn): follow it
+                self._bn_modules[name] = current
+                self._handles.append(current.register_forward_pre_hook(self._batch_hook(name)))
         if self._bn_modules:
             self.stats.steps.append(step)
             for layer in self.stats.layers:

@@ -54,3 +54,20 @@ def test_twin_switches_batchnorm_and_nothing_else():
     assert twin.train_seconds is not None and twin.accuracy_steps
     again = train_twin(CONFIG, data, progress=False)
     assert again.step_loss == twin.step_loss  # same seed, same run
+
+
+def test_recorder_follows_a_bn_layer_swapped_during_training():
+    """As --sync-bn does: the BN module is replaced after the recorder hooked the original."""
+    data = dataset()
+    state = new_state(CONFIG, data)
+    recorder = TrainingRecorder(probes=5).attach(state.model, data, total_steps=total_steps(CONFIG, data))
+    replacement = torch.nn.BatchNorm2d(16)
+    replacement.load_state_dict(state.model.bn1.state_dict())
+    state.model.bn1 = replacement
+    train(state, data, progress=False, on_step=recorder)
+    recorder.close()
+    [layer] = recorder.bn_stats(state.history).layers
+    # the first step ran before the recorder saw the swap; every later one is recorded
+    assert len(layer.batch_mean) == 9
+    torch.testing.assert_close(torch.tensor(layer.running_mean[-1]), replacement.running_mean, rtol=1e-5, atol=1e-6)
+    assert recorder._handles == []
