@@ -138,7 +138,7 @@ def run_training(config: TrainConfig, out: Path, *, resume: str | Path | None = 
         else:
             state = new_state(config, dataset)
         if recorder is not None:
-            recorder.attach(state.model, dataset, total_steps=total_steps(config, dataset))
+            recorder.attach(state.model, dataset, total_steps=total_steps(config, dataset, replicas=replicas))
         try:
             train(state, dataset, progress=progress and replicas.is_main, on_step=recorder, replicas=replicas)
         finally:

@@ -184,8 +184,12 @@ class TrainingRecorder:
         )
 
 
-def total_steps(config: TrainConfig, dataset: Dataset) -> int:
-    return config.epochs * steps_per_epoch(len(dataset.train_labels), config)
+def total_steps(config: TrainConfig, dataset: Dataset, *, replicas=None) -> int:
+    """Optimizer steps in the whole run; under torchrun, those of one rank's shard."""
+    samples = len(dataset.train_labels)
+    if replicas is not None:
+        samples = replicas.shard_size(samples)
+    return config.epochs * steps_per_epoch(samples, config)
 
 
 def train_twin(config: TrainConfig, dataset: Dataset, *, progress: bool = True) -> RunCurves:

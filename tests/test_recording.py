@@ -71,3 +71,13 @@ def test_recorder_follows_a_bn_layer_swapped_during_training():
     assert len(layer.batch_mean) == 9
     torch.testing.assert_close(torch.tensor(layer.running_mean[-1]), replacement.running_mean, rtol=1e-5, atol=1e-6)
     assert recorder._handles == []
+
+
+def test_total_steps_counts_one_ranks_shard():
+    from bnexport.distributed import Replicas
+
+    data = dataset()  # 384 training samples
+    config = TrainConfig(dataset="synthetic", epochs=2, batch_size=32, synthetic_shape=(1, 8, 8))
+    assert total_steps(config, data) == 2 * 12
+    assert total_steps(config, data, replicas=Replicas(rank=1, world_size=2)) == 2 * 6
+    assert total_steps(config, data, replicas=Replicas(world_size=5)) == 2 * 3  # ceil(384 / 5) = 77 → 3 steps
