@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 
 from ..errors import BnexportError
+from ..model import BN_TYPES
 from .maths import (bn_scale_shift, fold_into_input_channels, fold_into_output_channels, fold_into_transposed_conv,
                     invalid_statistics)
 from .report import FOLDED, KEPT, FoldRecord, FoldReport
@@ -30,7 +31,6 @@ CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 TRANSPOSED_TYPES = (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 LINEAR_TYPES = (nn.Linear,)
 LAYER_TYPES = CONV_TYPES + TRANSPOSED_TYPES + LINEAR_TYPES
-BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 # GraphModule.meta key: folded node name → the original node whose output it now computes.
 EQUIVALENT_NODES = "bnexport_equivalent_nodes"

@@ -20,6 +20,7 @@ import numpy as np
 from torch import fx, nn
 
 from ..errors import BnexportError
+from ..fold.maths import bn_scale_shift, fold_into_output_channels
 from ..fold.torch_fold import CONV_TYPES, trace
 from ..model import BN_TYPES
 from .activations import NO_BN_MESSAGE
@@ -85,13 +86,12 @@ def layer_health(name: str, bn: nn.Module, conv: nn.Module | None = None, *, con
     var = bn.running_var.detach().double().numpy()
     gamma = bn.weight.detach().double().numpy() if bn.weight is not None else np.ones_like(mean)
     beta = bn.bias.detach().double().numpy() if bn.bias is not None else np.zeros_like(mean)
-    scale = gamma / np.sqrt(var + bn.eps)
-    shift = beta - mean * scale
+    scale, shift = bn_scale_shift(gamma, beta, mean, var, bn.eps)
     if conv is not None:
         weight = conv.weight.detach().double().numpy()
         bias = conv.bias.detach().double().numpy() if conv.bias is not None else np.zeros_like(mean)
-        folded_weight = weight * scale.reshape(-1, *([1] * (weight.ndim - 1)))
-        folded = np.concatenate([folded_weight.reshape(len(scale), -1), (bias * scale + shift)[:, None]], axis=1)
+        folded_weight, folded_bias = fold_into_output_channels(weight, bias, scale, shift)
+        folded = np.concatenate([folded_weight.reshape(len(scale), -1), folded_bias[:, None]], axis=1)
         unfolded = np.concatenate([weight.reshape(len(scale), -1), bias[:, None]], axis=1)
     else:  # BN on its own: y·s + t against the identity it replaces
         folded = np.stack([scale, shift], axis=1)
