@@ -35,7 +35,7 @@ from torch import nn
 
 from .bnstats import Moments, batchnorm_layers, layer_spread, pool, recalibrate, training_batches, values_per_sample
 from .config import DEFAULT_DIST_TIMEOUT_S, DEVICES
-from .errors import BnexportError
+from .errors import BnexportError, first_line
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 DEFAULT_TIMEOUT_S = DEFAULT_DIST_TIMEOUT_S
@@ -446,9 +446,7 @@ def is_communication_failure(err: BaseException) -> bool:
 
 
 def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    line = re.sub(r"^\[[^\]]*\]\s*", "", lines[0]) if lines else type(err).__name__  # drop gloo's source location
-    return line[:200]
+    return re.sub(r"^\[[^\]]*\]\s*", "", first_line(err))  # drop gloo's source location
 
 
 @contextmanager

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .config import DEFAULT_TOLERANCE, Tolerance
-from .errors import BnexportError
+from .errors import BnexportError, first_line
 from .tables import format_table
 
 Runner = Callable[[np.ndarray], np.ndarray]
@@ -169,7 +169,7 @@ def ort_session(path_or_bytes: str | Path | bytes, *, optimize: bool, providers:
         return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
     except Exception as err:  # ORT raises its own Fail/InvalidGraph types
         label = "model" if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
-        raise BnexportError(f"{label}: ONNX Runtime cannot load it: {str(err).splitlines()[0]}") from None
+        raise BnexportError(f"{label}: ONNX Runtime cannot load it: {first_line(err)}") from None
 
 
 def onnxruntime_runner(path_or_bytes: str | Path | bytes, *, optimize: bool = False, providers: list[str] | None = None,
@@ -184,7 +184,7 @@ def onnxruntime_runner(path_or_bytes: str | Path | bytes, *, optimize: bool = Fa
         except Exception as err:  # ORT's own error types: a shape or type the model does not accept
             label = "model" if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
             raise BnexportError(f"{label}: ONNX Runtime cannot run it on input of shape {list(inputs.shape)}: "
-                                f"{str(err).strip().splitlines()[0][:200]}") from None
+                                f"{first_line(err)}") from None
 
     return run
 

@@ -20,7 +20,7 @@ from .artifacts import atomic_path, library_versions
 from .config import TrainConfig
 from .data import Dataset, load_for_config, epoch_generator, epoch_order, random_shift
 from .distributed import Replicas
-from .errors import BnexportError
+from .errors import BnexportError, first_line
 from .model import ModelSpec, build_model
 
 CHECKPOINT_FORMAT = 1
@@ -224,8 +224,7 @@ def load_checkpoint(path: str | Path) -> dict:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # zip, pickle and unpickler errors all mean "not a checkpoint we can read"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise BnexportError(f"{path}: not a readable checkpoint ({first_line[:200]})") from None
+        raise BnexportError(f"{path}: not a readable checkpoint ({first_line(err)})") from None
     if not isinstance(payload, dict) or any(key not in payload for key in CHECKPOINT_KEYS):
         raise BnexportError(f"{path}: not a bnexport checkpoint (missing {', '.join(k for k in CHECKPOINT_KEYS if not isinstance(payload, dict) or k not in payload)})")
     return payload
@@ -238,7 +237,7 @@ def model_from_checkpoint(payload: dict, *, path: str | Path = "checkpoint") -> 
         model = build_model(spec)
         model.load_state_dict(payload["state_dict"])
     except (TypeError, RuntimeError, ValueError) as err:
-        raise BnexportError(f"{path}: weights do not match the model it describes ({str(err).splitlines()[0][:200]})") from None
+        raise BnexportError(f"{path}: weights do not match the model it describes ({first_line(err)})") from None
     return model.eval(), spec
 
 

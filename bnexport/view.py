@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import BnexportError
+from .errors import BnexportError, first_line
 
 HOST = "127.0.0.1"  # loopback only: a model is not published to the network by accident
 DEFAULT_PORT = 8080  # netron's own default
@@ -74,7 +74,7 @@ def check_model(path: str | Path) -> Path:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and onnx's own errors
         raise BnexportError(f"{path}: Netron cannot open it: not a readable ONNX model "
-                            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'parse error'})") from None
+                            f"({type(err).__name__}: {first_line(err)})") from None
     if not model.graph.node:  # an empty file parses as an empty ModelProto
         raise BnexportError(f"{path}: Netron cannot open it: no graph in it (empty or not an ONNX model)")
     return path

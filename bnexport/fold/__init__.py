@@ -16,7 +16,7 @@ import onnx
 import torch
 
 from ..config import DEFAULT_SEED, DEFAULT_TOLERANCE, Tolerance
-from ..errors import BnexportError, CheckFailed
+from ..errors import BnexportError, CheckFailed, first_line
 from .onnx_fold import fold_graph
 from .report import FOLDED, KEPT, FoldRecord, FoldReport
 from .torch_fold import EQUIVALENT_NODES, trace
@@ -81,7 +81,7 @@ def load_onnx(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
     try:
         loaded = onnx.load(str(path), load_external_data=False)
     except Exception as err:  # protobuf's DecodeError and onnx's own errors
-        raise BnexportError(f"{path}: not a readable ONNX model ({_first_line(err) or 'parse error'})") from None
+        raise BnexportError(f"{path}: not a readable ONNX model ({first_line(err)})") from None
     if not loaded.graph.node and not loaded.graph.output:  # protobuf parses many non-ONNX files as an empty message
         raise BnexportError(f"{path}: not an ONNX model (no graph)")
     if uses_external_data(loaded):
@@ -90,11 +90,11 @@ def load_onnx(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
         try:
             load_external_data_for_model(loaded, str(path.parent))
         except Exception as err:  # OSError, or onnx's ValidationError for a path that is not a file
-            raise BnexportError(f"{path}: external data missing or unreadable ({_first_line(err)[:200]})") from None
+            raise BnexportError(f"{path}: external data missing or unreadable ({first_line(err)})") from None
     try:
         onnx.checker.check_model(loaded)  # a truncated file can still parse; the checker catches what is missing
     except Exception as err:
-        raise BnexportError(f"{path}: not a valid ONNX model ({_first_line(err)[:200]})") from None
+        raise BnexportError(f"{path}: not a valid ONNX model ({first_line(err)})") from None
     return loaded
 
 
@@ -103,11 +103,6 @@ def uses_external_data(model: onnx.ModelProto | str | Path) -> bool:
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model), load_external_data=False)
     return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-
-
-def _first_line(err: Exception) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def fold_onnx(

@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import fx, nn
 
-from ..errors import BnexportError
+from ..errors import BnexportError, first_line
 from ..model import BN_TYPES
 from .maths import (bn_scale_shift, fold_into_input_channels, fold_into_output_channels, fold_into_transposed_conv,
                     invalid_statistics)
@@ -155,7 +155,7 @@ def trace(module: nn.Module) -> fx.GraphModule:
     try:
         graph_module = fx.symbolic_trace(module)
     except Exception as err:  # fx raises many types for untraceable Python
-        raise BnexportError(f"cannot trace {type(module).__name__} with torch.fx: {str(err).splitlines()[0]}") from None
+        raise BnexportError(f"cannot trace {type(module).__name__} with torch.fx: {first_line(err)}") from None
     for node in graph_module.graph.nodes:
         # Postponed annotations ("from __future__ import annotations") reach fx as strings,
         # which TorchScript cannot resolve in the generated code.
@@ -179,7 +179,7 @@ def propagate_shapes(graph_module: fx.GraphModule, example_input: torch.Tensor) 
             ShapeRecorder(graph_module).run(example_input)
     except Exception as err:  # a wrong shape surfaces as whatever the first layer raises
         raise BnexportError(f"example input of shape {list(example_input.shape)} does not fit the module: "
-                            f"{str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+                            f"{first_line(err)}") from None
 
 
 class _Sites:
