@@ -11,9 +11,9 @@ import json
 import sys
 from pathlib import Path
 
-from .config import (DEFAULT_ATOL, DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES, Tolerance,
-                     TrainConfig)
-from .data import DATASETS
+# Only light modules at the top: `--help`, `view` and `inspect` should not wait for torch.
+from .config import (DATASETS, DEFAULT_ATOL, DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES,
+                     Tolerance, TrainConfig)
 from .errors import BnexportError
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_PEER_FAILED = 0, 1, 2, 3

@@ -7,6 +7,8 @@ from pathlib import Path
 
 DEFAULT_SEED = 0
 
+DATASETS = ("bundled", "mnist", "fashion-mnist", "cifar10", "synthetic")
+
 # Parity passes when max|a - ref| <= ATOL + RTOL * max|ref|. The scale term keeps the
 # check meaningful for nets whose logits are large (random weights give outputs ~1e3).
 DEFAULT_ATOL = 1e-5
@@ -97,6 +99,7 @@ DEFAULT_TOLERANCE = Tolerance()
 
 __all__ = [
     "ARTIFACTS",
+    "DATASETS",
     "DEFAULT_ATOL",
     "DEFAULT_DIST_TIMEOUT_S",
     "DEFAULT_OPSET",

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import TrainConfig
+from .config import DATASETS, TrainConfig
 from .errors import BnexportError
 
-DATASETS = ("bundled", "mnist", "fashion-mnist", "cifar10", "synthetic")
 NUM_CLASSES = 10
 BUNDLED_FILE = "mnist_5k.npz"
 
