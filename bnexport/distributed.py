@@ -407,6 +407,9 @@ def from_sync_batchnorm(model: nn.Module, originals: dict[str, type]) -> None:
 
 # The process group -------------------------------------------------------------------------
 
+MISMATCH_GRACE_S = 10  # how long a rank that found a world-size mismatch waits for its peer to see it too
+
+
 def _join(launch: Launch, timeout: timedelta, env: Mapping[str, str]):
     """torchrun's env:// rendezvous, then a check that every rank was told the same world size.
 
@@ -427,6 +430,13 @@ def _join(launch: Launch, timeout: timedelta, env: Mapping[str, str]):
                                      f"{timeout.total_seconds():g}s; was every process started?") from None
         theirs = int(check.get(str(other)))
         if theirs != world_size:
+            # Say so, and wait briefly until the other side has read our value too: the rank that
+            # hosts the store must not exit first, or its peer sees a closed connection instead.
+            check.set(f"seen/{rank}", "1")
+            try:
+                check.wait([f"seen/{other}"], timedelta(seconds=MISMATCH_GRACE_S))
+            except Exception:  # noqa: BLE001 - the peer may be gone already; our message stands
+                pass
             raise BnexportError(f"inconsistent world size: rank {other} was started with WORLD_SIZE={theirs}, "
                                 f"rank {rank} with WORLD_SIZE={world_size}; give every node the same "
                                 f"--nnodes and --nproc_per_node")
