@@ -335,11 +335,10 @@ class Folder:
             return self._fold_matmul_add_then_bn(bn, layer, scale, shift)
         if layer.op_type == "MatMul":
             return self._fold_matmul_then_bn(bn, layer, scale, shift)
-        weight = index.constant(layer.input[1])
-        bias_name = layer.input[2] if len(layer.input) > 2 else ""
-        bias = index.constant(bias_name) if bias_name else None
-        if weight is None or (bias_name and bias is None):
-            return f"the {layer.op_type}'s weight or bias is not a constant"
+        constants = self._weight_and_bias(layer)
+        if isinstance(constants, str):
+            return constants
+        weight, bias = constants
         if _output_channels(layer, weight) != len(scale):
             return f"the {layer.op_type} has {_output_channels(layer, weight)} output channels, the BN {len(scale)}"
         work = _work_dtype(weight.dtype)
@@ -449,18 +448,25 @@ class Folder:
             return "it precedes a ConvTranspose, whose border outputs sum fewer taps, so the shift is not uniform"
         return f"its output goes to {layer.op_type}, not Conv, Gemm or MatMul"
 
+    def _weight_and_bias(self, layer: onnx.NodeProto) -> tuple[np.ndarray, np.ndarray | None] | str:
+        """The layer's weight and optional bias as arrays, or the reason they are not constants."""
+        weight = self.index.constant(layer.input[1])
+        bias_name = layer.input[2] if len(layer.input) > 2 else ""
+        bias = self.index.constant(bias_name) if bias_name else None
+        if weight is None or (bias_name and bias is None):
+            return f"the {layer.op_type}'s weight or bias is not a constant"
+        return weight, bias
+
     def _fold_bn_then_conv(self, bn, conv, scale, shift) -> str | onnx.NodeProto:
-        index = self.index
         pads = attribute(conv, "pads", [])
         auto_pad = attribute(conv, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
         if any(pads) or auto_pad not in ("NOTSET", "VALID"):
             return "it precedes a Conv with zero padding: the padded border is not shifted, so the fold is inexact"
-        weight = index.constant(conv.input[1])
-        bias_name = conv.input[2] if len(conv.input) > 2 else ""
-        bias = index.constant(bias_name) if bias_name else None
-        if weight is None or (bias_name and bias is None):
-            return "the Conv's weight or bias is not a constant"
+        constants = self._weight_and_bias(conv)
+        if isinstance(constants, str):
+            return constants
+        weight, bias = constants
         groups = attribute(conv, "group", 1)
         if weight.shape[1] * groups != len(scale):
             return "channel counts differ"
@@ -474,14 +480,12 @@ class Folder:
         return conv
 
     def _fold_bn_then_gemm(self, bn, gemm, scale, shift) -> str | onnx.NodeProto:
-        index = self.index
         if attribute(gemm, "transA", 0):
             return "it precedes a Gemm with transA=1, which reads the BN's channels as rows"
-        weight = index.constant(gemm.input[1])
-        bias_name = gemm.input[2] if len(gemm.input) > 2 else ""
-        bias = index.constant(bias_name) if bias_name else None
-        if weight is None or (bias_name and bias is None):
-            return "the Gemm's weight or bias is not a constant"
+        constants = self._weight_and_bias(gemm)
+        if isinstance(constants, str):
+            return constants
+        weight, bias = constants
         trans_b = attribute(gemm, "transB", 0)
         as_linear = weight if trans_b else weight.T  # (out, in), the layout fold_into_input_channels takes
         effective_bias = self._gemm_bias(gemm, bias, as_linear.shape[0])
