@@ -97,6 +97,24 @@ class Tolerance:
 
 DEFAULT_TOLERANCE = Tolerance()
 
+# Machine epsilon of each floating dtype a model may compute in (bfloat16 has no numpy dtype of its own).
+MACHINE_EPSILON = {"float64": 2.0**-52, "float32": 2.0**-23, "float16": 2.0**-10, "bfloat16": 2.0**-7}
+
+
+def tolerance_for(dtype_name: str, *, base: Tolerance = DEFAULT_TOLERANCE) -> Tolerance:
+    """The check's tolerance for a model computing in ``dtype_name`` ("float16", "bfloat16", ...).
+
+    float32 and float64 keep ``base``. A coarser dtype rounds every weight and every
+    intermediate, so a folded model differs from the unfolded one by a few units of its own
+    epsilon ε per layer, relative to the output's scale: rtol = max(base.rtol, 10·ε),
+    atol = max(base.atol, ε). That is 1e-2 of scale for float16 and 7.8e-2 for bfloat16.
+    Integer and bool dtypes keep ``base``.
+    """
+    eps = MACHINE_EPSILON.get(str(dtype_name))
+    if eps is None or eps <= MACHINE_EPSILON["float32"]:
+        return base
+    return Tolerance(atol=max(base.atol, eps), rtol=max(base.rtol, 10 * eps))
+
 __all__ = [
     "ARTIFACTS",
     "DATASETS",
@@ -109,8 +127,10 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "DEVICES",
     "INPUT_NAME",
+    "MACHINE_EPSILON",
     "OUTPUT_NAME",
     "PARITY_BATCH_SIZE",
     "TrainConfig",
     "Tolerance",
+    "tolerance_for",
 ]

@@ -9,6 +9,23 @@ from ..tables import format_table
 FOLDED = "folded"
 KEPT = "kept"
 
+# Why a BatchNorm was kept, as a stable code beside the human sentence (fold.json's ``reason_code``).
+# Codes are never renamed once shipped; add new ones instead.
+REASON_CODES = {
+    "multiple_consumers": "the neighbouring layer's output, or the BN's, feeds more than the pair",
+    "not_constant": "a weight, bias or BN parameter is computed in the graph",
+    "overridable_input": "a parameter is also a graph input, which a caller may override (IR >= 4)",
+    "zero_padding": "BN before a zero-padded conv: the padded border is not shifted",
+    "training_mode": "the BN uses batch statistics (training mode, no running statistics)",
+    "spatial0": "BatchNormalization with spatial=0 normalises per element, not per channel",
+    "no_linear_neighbour": "neither the producer nor the consumer is a layer it folds into",
+    "shape_mismatch": "channel counts, ranks or axes do not line up for an exact fold",
+    "graph_output": "the BN's input or output is a graph output that must keep its value",
+    "in_function": "the BN sits inside a model-local function",
+    "unsupported_layer": "the neighbour is a linear layer whose fold would be inexact (e.g. BN before ConvTranspose)",
+    "dtype": "the tensor's dtype has no exact fold here",
+}
+
 
 @dataclass
 class FoldRecord:
@@ -19,6 +36,7 @@ class FoldRecord:
     folded_into: str | None = None
     reason: str | None = None
     position: str | None = None  # "after" the layer it was folded into (layer → BN), or "before" it (BN → layer)
+    reason_code: str | None = None  # a key of REASON_CODES when kept
 
 
 @dataclass
