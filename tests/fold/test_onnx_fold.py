@@ -6,7 +6,7 @@ from onnx import helper, numpy_helper
 
 from bnexport.errors import BnexportError, CheckFailed
 from bnexport.export import onnx_bytes, op_counts, save_onnx
-from bnexport.fold import fold_onnx, input_shape, load_onnx, onnx_fold
+from bnexport.fold import fold_onnx, load_onnx, model_input_shape, onnx_fold
 from bnexport.fold.onnx_fold import ABSORBED_PREFIX
 from bnexport.parity import onnxruntime_runner, seeded_input
 from fold.models import (EVERYTHING_INPUT, EXPORTERS, Everything, bn_initializers, bn_node, count_bn_nodes, onnx_model,
@@ -45,7 +45,7 @@ def test_simplecnn_onnx_folds_exactly(tiny_run):
     # BN's four parameter tensors are gone, nothing unused is left behind
     assert len(folded.graph.initializer) == len(original.graph.initializer) - 4
     # checked independently: ORT with graph optimisations off, batch of 5
-    x = seeded_input((5, *input_shape(original)[1:]), seed=7)
+    x = seeded_input((5, *model_input_shape(original)[1:]), seed=7)
     a = onnxruntime_runner(onnx_bytes(original))(x)
     b = onnxruntime_runner(onnx_bytes(folded))(x)
     assert np.abs(a - b).max() <= 1e-5 + 1e-4 * np.abs(a).max()
