@@ -13,7 +13,7 @@ from pathlib import Path
 
 # Only light modules at the top: `--help`, `view` and `inspect` should not wait for torch.
 from .config import (DATASETS, DEFAULT_ATOL, DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES,
-                     Tolerance, TrainConfig)
+                     Tolerance, TrainConfig, tolerance_for)
 from .errors import BnexportError
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_PEER_FAILED = 0, 1, 2, 3
@@ -74,6 +74,32 @@ def shape_list(text: str) -> tuple[int, ...]:
     if not parts or min(parts) < 1:
         raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, e.g. 1,3,224,224; got {text!r}")
     return parts
+
+
+def input_shape_arg(text: str) -> tuple[str | None, tuple[int, ...]]:
+    """``NAME=1,3,224,224`` for the input called NAME, or ``1,3,224,224`` for a model's only input."""
+    name, equals, dims = text.rpartition("=")
+    if equals and not name:
+        raise argparse.ArgumentTypeError(f"must be NAME=DIMS or DIMS, e.g. images=1,3,224,224; got {text!r}")
+    return (name if equals else None), shape_list(dims)
+
+
+def given_shapes(pairs: list[tuple[str | None, tuple[int, ...]]] | None):
+    """``--input-shape`` as the library takes it: None, one bare shape, or shapes by input name."""
+    if not pairs:
+        return None
+    unnamed = [dims for name, dims in pairs if name is None]
+    if unnamed:
+        if len(pairs) > 1:
+            raise BnexportError("--input-shape: a shape without NAME= is for a model's only input; "
+                                "with several, give each as NAME=DIMS")
+        return unnamed[0]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, dims in pairs:
+        if name in shapes:
+            raise BnexportError(f"--input-shape: {name} is given twice")
+        shapes[name] = dims
+    return shapes
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
@@ -146,9 +172,18 @@ def add_view_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_tolerance_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--atol", type=non_negative_float, default=DEFAULT_ATOL, help="absolute tolerance (default: %(default)g)")
-    parser.add_argument("--rtol", type=non_negative_float, default=DEFAULT_RTOL,
-                        help="tolerance relative to max|reference| (default: %(default)g)")
+    parser.add_argument("--atol", type=non_negative_float, default=None,
+                        help=f"absolute tolerance (default: {DEFAULT_ATOL:g} for float32 models; "
+                             "coarser dtypes get their own, from their machine epsilon)")
+    parser.add_argument("--rtol", type=non_negative_float, default=None,
+                        help=f"tolerance relative to max|reference| (default: {DEFAULT_RTOL:g} for float32 models; "
+                             "1e-2 for float16, 6.25e-2 for bfloat16)")
+
+
+def tolerance_from_args(args: argparse.Namespace, dtype_name: str = "float32") -> Tolerance:
+    """--atol and --rtol where given, the dtype's default for the other."""
+    default = tolerance_for(dtype_name)
+    return Tolerance(default.atol if args.atol is None else args.atol, default.rtol if args.rtol is None else args.rtol)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -195,7 +230,7 @@ def cmd_train_and_export(args: argparse.Namespace) -> int:
     with replicas_for(config, args) as replicas:
         out = replicas.together(lambda: prepare_out_dir(args.out), main_only=True) or args.out
         summary, parity = train_and_export(config, out, resume=args.resume, progress=not args.quiet,
-                                           tolerance=Tolerance(args.atol, args.rtol), compare_bn=not args.skip_no_bn,
+                                           tolerance=tolerance_from_args(args), compare_bn=not args.skip_no_bn,
                                            replicas=replicas)
     if summary is None or parity is None:  # a rank other than 0: rank 0 reports
         return EXIT_OK
@@ -261,8 +296,10 @@ def cmd_view(args: argparse.Namespace) -> int:
 
 
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--input-shape", type=shape_list, default=None, metavar="N,C,H,W",
-                        help="shape of the seeded check input (default: the model's, dynamic dims set to 1)")
+    parser.add_argument("--input-shape", type=input_shape_arg, action="append", default=None, metavar="[NAME=]N,C,H,W",
+                        help="shape of a seeded check input, NAME=DIMS once per input (a bare shape for a one-input "
+                             "model); default: the model's, dynamic dims guessed (batch 1, image sides 224, "
+                             "other lengths 128) and printed")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the check input (default: %(default)s)")
 
 
@@ -329,32 +366,29 @@ def cmd_fold(args: argparse.Namespace) -> int:
     Prints one line per BatchNorm: folded into which layer, or kept and why. Exit 1 when the
     folded model fails the parity check (nothing is written then), 2 on bad input.
     """
-    import torch
-
     from .artifacts import write_json
     from .errors import CheckFailed
-    from .export import export_program, export_torchscript, save_onnx, to_onnx
-    from .fold import fold_module, fold_onnx, uses_external_data
+    from .export import save_onnx
+    from .fold import uses_external_data
+    from .parity import inputs_text
     from .sources import load_source
 
     output = _fold_output(args)
     if args.report is not None:
         _check_new_file(args.report, "--report", not_any_of=(args.model, output))
-    source = load_source(args.model, needs_input_shape=not args.no_check and args.input_shape is None)
+    given = given_shapes(args.input_shape)
+    source = load_source(args.model, needs_input_shape=False)
     if source.kind == "checkpoint" and (args.in_place or output.suffix not in CHECKPOINT_OUTPUTS):
         raise BnexportError(f"{args.model}: a checkpoint folds into a new file ending in {', '.join(CHECKPOINT_OUTPUTS)}, not {output.name}")
-    tolerance = Tolerance(args.atol, args.rtol)
-    shape = args.input_shape or source.input_shape
     try:
         if source.kind == "onnx":
-            try:
-                folded, report = fold_onnx(source.onnx_model, check=not args.no_check, input_shape=shape,
-                                           seed=args.seed, tolerance=tolerance)
-            except BnexportError as err:
-                raise BnexportError(f"{args.model}: {err}") from None
+            folded, report = _fold_onnx_source(args, source, given)
         else:
+            from .fold import fold_module
+
+            shape = _one_shape(args.model, given) or source.input_shape
             folded, report = fold_module(source.module, check=not args.no_check, input_shape=shape,
-                                         seed=args.seed, tolerance=tolerance)
+                                         seed=args.seed, tolerance=tolerance_from_args(args))
     except CheckFailed as failed:
         if args.report:
             write_json(args.report, failed.report.to_json())
@@ -365,25 +399,65 @@ def cmd_fold(args: argparse.Namespace) -> int:
     if source.kind == "onnx":
         save_onnx(folded, output, external_data=uses_external_data(args.model))
     else:
-        # a batch of 2 for the example: torch.export would specialise a batch of 1 and lose the dynamic axis
-        example = torch.zeros((2, *shape[1:]))
-        if output.suffix == ".onnx":
-            save_onnx(to_onnx(folded, example), output)
-        elif output.suffix == ".ts":
-            export_torchscript(folded, output)
-        else:
-            export_program(folded, example, output)
+        _save_folded_module(folded, output, shape)
     if args.report:
         write_json(args.report, report.to_json())
     print(report.table())
     if not report.records:
         print(f"{args.model} has no BatchNorm; {output} is the same model")
     elif report.parity:
-        result = report.parity["results"][0]
-        print(f"parity: max |Δ| {result['max_abs']:.2e} = {result['max_rel']:.2e} of scale on seeded input "
-              f"{report.parity['input_shape']}: ok")
+        worst = max(report.parity["results"], key=lambda r: r["max_rel"] if r["max_rel"] is not None else float("inf"))
+        print(f"parity: max |Δ| {worst['max_abs']:.2e} = {worst['max_rel']:.2e} of scale "
+              f"(rtol {worst['rtol']:g}) on seeded input: ok")
+        print(inputs_text(report.parity.get("inputs", [])))
     print(f"wrote {output}")
     return EXIT_OK
+
+
+def _fold_onnx_source(args: argparse.Namespace, source, given):
+    from .fold import fold_onnx
+    from .inputs import input_feeds, model_float_dtype
+    from .parity import NoKernel
+
+    if given is not None:  # a wrong --input-shape is an error even when nothing folds, so nothing is checked
+        try:
+            input_feeds(source.onnx_model, given)
+        except BnexportError as err:
+            raise BnexportError(f"{args.model}: --input-shape {err}") from None
+    tolerance = None  # the model's dtype decides
+    if args.atol is not None or args.rtol is not None:
+        tolerance = tolerance_from_args(args, model_float_dtype(source.onnx_model))
+    try:
+        return fold_onnx(source.onnx_model, check=not args.no_check, input_shapes=given, seed=args.seed,
+                         tolerance=tolerance)
+    except NoKernel as err:
+        raise BnexportError(f"{args.model}: {err}, or fold it with --no-check") from None
+    except BnexportError as err:
+        raise BnexportError(f"{args.model}: {err}") from None
+
+
+def _one_shape(path: Path, given) -> tuple[int, ...] | None:
+    """A checkpoint's model takes one input: a bare shape, or one NAME=shape whatever the name."""
+    if given is None or isinstance(given, tuple):
+        return given
+    if len(given) != 1:
+        raise BnexportError(f"{path}: --input-shape: a checkpoint's model takes one input, not {len(given)}")
+    return next(iter(given.values()))
+
+
+def _save_folded_module(folded, output: Path, shape: tuple[int, ...]) -> None:
+    import torch
+
+    from .export import export_program, export_torchscript, save_onnx, to_onnx
+
+    # a batch of 2 for the example: torch.export would specialise a batch of 1 and lose the dynamic axis
+    example = torch.zeros((2, *shape[1:]))
+    if output.suffix == ".onnx":
+        save_onnx(to_onnx(folded, example), output)
+    elif output.suffix == ".ts":
+        export_torchscript(folded, output)
+    else:
+        export_program(folded, example, output)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -400,38 +474,75 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _runner(source):
-    from .export import onnx_bytes
     from .parity import eager_runner, onnxruntime_runner
 
     if source.kind == "onnx":
-        return onnxruntime_runner(onnx_bytes(source.onnx_model), optimize=False)
+        return onnxruntime_runner(source.onnx_model.SerializeToString(), optimize=False)
     return eager_runner(source.module)
+
+
+def _parity_feeds(args: argparse.Namespace, reference, candidate, given):
+    """The feeds of a parity run, from the first ONNX model of the two (a checkpoint takes one image batch)."""
+    from .config import INPUT_NAME
+    from .inputs import Feed, input_feeds
+
+    onnx_sources = [s for s in (reference, candidate) if s.kind == "onnx"]
+    if not onnx_sources:
+        shape = _one_shape(args.reference, given) or reference.input_shape
+        return [Feed(INPUT_NAME, "float32", tuple(shape))]
+    first = onnx_sources[0]
+    try:
+        feeds = input_feeds(first.onnx_model, given)
+    except BnexportError as err:
+        raise BnexportError(f"{first.path}: {'--input-shape ' if given is not None else ''}{err}") from None
+    if given is not None:
+        return feeds
+    if len(onnx_sources) == 1:
+        checkpoint = candidate if first is reference else reference
+        if len(feeds) == 1 and feeds[0].guessed:  # the checkpoint knows the shape its model takes
+            feeds = [Feed(feeds[0].name, feeds[0].dtype, tuple(checkpoint.input_shape))]
+        return feeds
+    other = [list(f.shape) for f in input_feeds(candidate.onnx_model)]
+    if other != [list(f.shape) for f in feeds]:
+        raise BnexportError(f"{args.candidate}: input shapes {other} differ from {args.reference}'s "
+                            f"{[list(f.shape) for f in feeds]}; pass --input-shape if both accept one")
+    return feeds
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
     """Compare two models, ONNX files or bnexport checkpoints, on seeded input.
 
+    Every graph input gets a seeded value of its own dtype and shape; every output is compared.
     ONNX runs in ONNX Runtime with graph optimisations disabled. Exit 0 when they agree within
-    --atol + --rtol·max|reference|, 1 when they differ, 2 on bad input.
+    --atol + --rtol·max|reference| (by default the coarser model dtype's tolerance), 1 when they
+    differ, 2 on bad input.
     """
-    from .parity import run_parity, seeded_input
-    from .sources import load_source
+    from .inputs import model_float_dtype, seeded_feeds
+    from .parity import NoKernel, run_parity
 
-    needs_shape = args.input_shape is None
-    reference = load_source(args.reference, needs_input_shape=needs_shape)
-    candidate = load_source(args.candidate, needs_input_shape=needs_shape)
-    shape = args.input_shape or reference.input_shape
-    if args.input_shape is None and reference.input_shape != candidate.input_shape:
-        raise BnexportError(f"{args.candidate}: input shape {list(candidate.input_shape)} differs from "
-                            f"{args.reference}'s {list(reference.input_shape)}; pass --input-shape if both accept one")
-    inputs = seeded_input(shape, seed=args.seed)
-    report = run_parity(_runner(reference), {str(args.candidate): _runner(candidate)}, inputs,
-                        reference_name=str(args.reference), seed=args.seed, tolerance=Tolerance(args.atol, args.rtol))
+    given = given_shapes(args.input_shape)
+    reference = load_parity_source(args.reference)
+    candidate = load_parity_source(args.candidate)
+    feeds = _parity_feeds(args, reference, candidate, given)
+    dtypes = [model_float_dtype(s.onnx_model) if s.kind == "onnx" else "float32" for s in (reference, candidate)]
+    tolerance = tolerance_from_args(args, max(dtypes, key=lambda d: tolerance_for(d).rtol))
+    try:
+        report = run_parity(_runner(reference), {str(args.candidate): _runner(candidate)}, seeded_feeds(feeds, seed=args.seed),
+                            reference_name=str(args.reference), seed=args.seed, tolerance=tolerance,
+                            described=[feed.to_json() for feed in feeds])
+    except NoKernel as err:
+        raise BnexportError(str(err)) from None
     if args.json:
         print_json(report.to_json())
     else:
         print(report.table())
     return EXIT_OK if report.passed else EXIT_CHECK_FAILED
+
+
+def load_parity_source(path: Path):
+    from .sources import load_source
+
+    return load_source(path, needs_input_shape=False)
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -442,8 +553,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .fold import fold_onnx
     from .sources import load_source
 
-    source = load_source(args.model)
-    shape = args.input_shape or source.input_shape
+    given = _one_shape(args.model, given_shapes(args.input_shape))
+    source = load_source(args.model, input_shape=given)
+    shape = given or source.input_shape
     if args.threads:
         torch.set_num_threads(args.threads)
     if source.kind == "onnx":

@@ -5,6 +5,8 @@ Both ``torch.onnx`` exporters fold BatchNorm silently by default: the dynamo exp
 ``do_constant_folding=True``. ``ONNX_EXPORT_OPTIONS`` is the one place that turns this off,
 so that ``model.onnx`` keeps one BatchNormalization node per BN layer; the folded ONNX
 file is then made by bnexport's own fold, never by the exporter's.
+
+torch is imported by the torch writers only: saving an ONNX file does not load it.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ import warnings
 from pathlib import Path
 
 import onnx
-import torch
 
 from .artifacts import atomic_path
 from .config import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
@@ -27,6 +28,8 @@ ONNX_EXPORT_OPTIONS = {"dynamo": True, "optimize": False, "external_data": False
 
 
 def export_torchscript(module: torch.nn.Module, path: str | Path) -> Path:
+    import torch
+
     with warnings.catch_warnings():
         # TorchScript is deprecated upstream; this file is written on purpose for its users.
         warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=Warning)
@@ -39,6 +42,8 @@ def export_torchscript(module: torch.nn.Module, path: str | Path) -> Path:
 
 def export_program(module: torch.nn.Module, example: torch.Tensor, path: str | Path) -> Path:
     """torch.export with a dynamic batch axis named ``batch``, saved as .pt2."""
+    import torch
+
     batch = torch.export.Dim("batch", min=1)
     program = torch.export.export(module.eval(), (example,), dynamic_shapes={INPUT_NAME: {0: batch}})
     with atomic_path(path) as tmp:
@@ -48,6 +53,8 @@ def export_program(module: torch.nn.Module, example: torch.Tensor, path: str | P
 
 def to_onnx(module: torch.nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
     """ONNX with BatchNormalization kept, input ``images`` and output ``logits``, batch axis dynamic."""
+    import torch
+
     options = dict(ONNX_EXPORT_OPTIONS)
     options.pop("external_data")
     with warnings.catch_warnings():

@@ -1,7 +1,8 @@
 """What the fold, parity and bench commands accept: an ONNX file or a bnexport checkpoint.
 
 A checkpoint is a zip archive (``torch.save``) not named ``.onnx``; anything else is read as ONNX. Either way
-the caller gets the model and the input shape a check should feed it.
+the caller gets the model, and for a checkpoint the input shape a check should feed it. An ONNX file
+never loads torch.
 """
 
 from __future__ import annotations
@@ -9,9 +10,6 @@ from __future__ import annotations
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-
-import onnx
-import torch
 
 from .errors import BnexportError
 from .fold import load_onnx, model_input_shape
@@ -22,9 +20,9 @@ class Source:
     """A model named on the command line."""
 
     path: Path
-    onnx_model: onnx.ModelProto | None = None  # set for an ONNX file
-    module: torch.nn.Module | None = None  # set for a checkpoint, in eval mode
-    input_shape: tuple[int, ...] | None = None  # batch 1 for a checkpoint; the graph's, dynamic dims 1, for ONNX
+    onnx_model: object | None = None  # an onnx.ModelProto, for an ONNX file
+    module: object | None = None  # a torch.nn.Module in eval mode, for a checkpoint
+    input_shape: tuple[int, ...] | None = None  # batch 1 for a checkpoint; for ONNX, the one input's when asked for
 
     @property
     def kind(self) -> str:
@@ -37,8 +35,13 @@ def is_checkpoint(path: str | Path) -> bool:
     return path.suffix.lower() != ".onnx" and path.is_file() and zipfile.is_zipfile(path)
 
 
-def load_source(path: str | Path, *, needs_input_shape: bool = True) -> Source:
-    """Read an ONNX file or a bnexport checkpoint; a one-line ``BnexportError`` when it is neither."""
+def load_source(path: str | Path, *, needs_input_shape: bool = True, input_shape: tuple[int, ...] | None = None) -> Source:
+    """Read an ONNX file or a bnexport checkpoint; a one-line ``BnexportError`` when it is neither.
+
+    ``needs_input_shape`` resolves an ONNX model's one input shape (``input_shape`` checked against
+    it, or its own with dynamic dims guessed); models with several inputs resolve theirs with
+    ``bnexport.inputs.input_feeds`` instead.
+    """
     path = Path(path)
     if not path.exists():
         raise BnexportError(f"{path}: file not found")
@@ -53,7 +56,8 @@ def load_source(path: str | Path, *, needs_input_shape: bool = True) -> Source:
     shape = None
     if needs_input_shape:
         try:
-            shape = model_input_shape(model)
+            shape = model_input_shape(model, input_shape)
         except BnexportError as err:
-            raise BnexportError(f"{path}: {err}") from None
+            flag = "--input-shape: " if input_shape is not None else ""
+            raise BnexportError(f"{path}: {flag}{err}") from None
     return Source(path, onnx_model=model, input_shape=shape)

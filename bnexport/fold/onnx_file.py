@@ -6,12 +6,13 @@ numpy and ONNX Runtime.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from ..config import DEFAULT_SEED, DEFAULT_TOLERANCE, Tolerance
+from ..config import DEFAULT_SEED, Tolerance, tolerance_for
 from ..errors import BnexportError, first_line
 from .checks import raise_check_failed
 from .onnx_fold import fold_graph
@@ -56,15 +57,20 @@ def fold_onnx(
     model: onnx.ModelProto | str | Path,
     *,
     check: bool = True,
+    input_shapes: Mapping[str, tuple[int, ...]] | tuple[int, ...] | None = None,
     input_shape: tuple[int, ...] | None = None,
     seed: int = DEFAULT_SEED,
-    tolerance: Tolerance = DEFAULT_TOLERANCE,
+    tolerance: Tolerance | None = None,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every BatchNormalization of an ONNX model that folds exactly.
 
     With ``check`` the result must pass ``onnx.checker`` (full check), and both graphs run in
-    ONNX Runtime, graph optimisations off, on seeded input of ``input_shape`` (default: the
-    model's, dynamic dims set to 1); ``report.parity`` holds the result.
+    ONNX Runtime, graph optimisations off, on seeded values for every graph input, each of its
+    own dtype. ``input_shapes`` maps input names to shapes (a bare tuple, or the older
+    ``input_shape``, is the shape of a model's only input); inputs left out take the model's
+    shape with dynamic dims guessed as ``bnexport.inputs.guessed_dim`` says. ``tolerance``
+    None follows the model's dtype (``bnexport.config.tolerance_for``). ``report.parity`` holds
+    the result, with the shape and dtype of every input fed.
     """
     original = load_onnx(model)
     try:
@@ -76,20 +82,26 @@ def fold_onnx(
     if check and report.folded:
         # every rewrite must leave a valid model; a failure here is a bug, so it is not caught
         onnx.checker.check_model(folded, full_check=True)
-        _check_onnx(original, folded, report, input_shape or model_input_shape(original), seed=seed, tolerance=tolerance)
+        shapes = input_shapes if input_shapes is not None else input_shape
+        _check_onnx(original, folded, report, shapes, seed=seed, tolerance=tolerance)
     return folded, report
 
 
-def _check_onnx(original, folded, report: FoldReport, shape, *, seed: int, tolerance: Tolerance) -> None:
-    from ..export import onnx_bytes
-    from ..parity import onnx_drilldown, onnxruntime_runner, run_parity, seeded_input
+def _check_onnx(original, folded, report: FoldReport, shapes, *, seed: int, tolerance: Tolerance | None) -> None:
+    from ..inputs import input_feeds, model_float_dtype, seeded_feeds
+    from ..parity import onnx_drilldown, onnxruntime_runner, run_parity
 
-    inputs = seeded_input(tuple(shape), seed=seed, dtype=model_input_dtype(original))
-    parity = run_parity(onnxruntime_runner(onnx_bytes(original)), {"folded": onnxruntime_runner(onnx_bytes(folded))},
-                        inputs, reference_name="unfolded", seed=seed, tolerance=tolerance)
+    feeds = input_feeds(original, shapes)
+    values = seeded_feeds(feeds, seed=seed)
+    if tolerance is None:
+        tolerance = tolerance_for(model_float_dtype(original))
+    parity = run_parity(onnxruntime_runner(original.SerializeToString()),
+                        {"folded": onnxruntime_runner(folded.SerializeToString())},
+                        values, reference_name="unfolded", seed=seed, tolerance=tolerance,
+                        described=[feed.to_json() for feed in feeds])
     report.parity = parity.to_json()
     if not parity.passed:
-        raise_check_failed(report, parity, onnx_drilldown(original, folded, inputs, tolerance=tolerance))
+        raise_check_failed(report, parity, onnx_drilldown(original, folded, values, tolerance=tolerance))
 
 
 def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
@@ -97,15 +109,20 @@ def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
     return [i for i in model.graph.input if i.name not in initializers]
 
 
-def model_input_shape(model: onnx.ModelProto, *, dynamic: int = 1) -> tuple[int, ...]:
-    """The graph's one data input's shape, with each dynamic dim set to ``dynamic``."""
-    inputs = _data_inputs(model)
-    if len(inputs) != 1:
-        raise BnexportError(f"the model has {len(inputs)} inputs; checks feed exactly one (use --no-check)")
-    return tuple(d.dim_value if d.HasField("dim_value") else dynamic for d in inputs[0].type.tensor_type.shape.dim)
+def model_input_shape(model: onnx.ModelProto, shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """The shape a check feeds a one-input model: ``shape`` checked against the graph's, or the
+    graph's own with dynamic dims guessed (see ``bnexport.inputs``)."""
+    from ..inputs import input_feeds
 
+    if len(_data_inputs(model)) != 1:
+        names = ", ".join(i.name for i in _data_inputs(model))
+        raise BnexportError(f"the model has {len(_data_inputs(model))} inputs ({names}); this needs one")
+    return input_feeds(model, shape)[0].shape
 
 
 def model_input_dtype(model: onnx.ModelProto) -> np.dtype:
-    elem_type = _data_inputs(model)[0].type.tensor_type.elem_type
-    return onnx.helper.tensor_dtype_to_np_dtype(elem_type) if elem_type else np.dtype(np.float32)
+    """The first graph input's dtype (float32 when the model leaves it unset)."""
+    from ..inputs import input_specs, numpy_dtype
+
+    specs = input_specs(model)
+    return numpy_dtype(specs[0].dtype) if specs else np.dtype(np.float32)
