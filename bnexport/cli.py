@@ -474,11 +474,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def _runner(source):
+    """A runner whose errors name the source's file."""
     from .parity import eager_runner, onnxruntime_runner
 
-    if source.kind == "onnx":
-        return onnxruntime_runner(source.onnx_model.SerializeToString(), optimize=False)
-    return eager_runner(source.module)
+    if source.kind != "onnx":
+        return eager_runner(source.module)
+    try:
+        run = onnxruntime_runner(source.onnx_model.SerializeToString(), optimize=False)
+    except BnexportError as err:
+        raise BnexportError(f"{source.path}: {err}") from None
+
+    def named(feeds):
+        try:
+            return run(feeds)
+        except BnexportError as err:
+            raise BnexportError(f"{source.path}: {err}") from None
+
+    return named
 
 
 def _parity_feeds(args: argparse.Namespace, reference, candidate, given):
@@ -518,7 +530,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     differ, 2 on bad input.
     """
     from .inputs import model_float_dtype, seeded_feeds
-    from .parity import NoKernel, run_parity
+    from .parity import run_parity
 
     given = given_shapes(args.input_shape)
     reference = load_parity_source(args.reference)
@@ -526,12 +538,9 @@ def cmd_parity(args: argparse.Namespace) -> int:
     feeds = _parity_feeds(args, reference, candidate, given)
     dtypes = [model_float_dtype(s.onnx_model) if s.kind == "onnx" else "float32" for s in (reference, candidate)]
     tolerance = tolerance_from_args(args, max(dtypes, key=lambda d: tolerance_for(d).rtol))
-    try:
-        report = run_parity(_runner(reference), {str(args.candidate): _runner(candidate)}, seeded_feeds(feeds, seed=args.seed),
-                            reference_name=str(args.reference), seed=args.seed, tolerance=tolerance,
-                            described=[feed.to_json() for feed in feeds])
-    except NoKernel as err:
-        raise BnexportError(str(err)) from None
+    report = run_parity(_runner(reference), {str(args.candidate): _runner(candidate)}, seeded_feeds(feeds, seed=args.seed),
+                        reference_name=str(args.reference), seed=args.seed, tolerance=tolerance,
+                        described=[feed.to_json() for feed in feeds])
     if args.json:
         print_json(report.to_json())
     else:

@@ -117,7 +117,8 @@ def input_feeds(model: onnx.ModelProto, shapes: Mapping[str, Shape] | Shape | No
     ``shapes`` names the shape of some or all inputs; a bare tuple is the shape of a model's
     only input. An input left out takes the model's shape, each dynamic dim guessed by
     ``guessed_dim``; a dynamic dim whose name (``dim_param``) an earlier input already fixed
-    takes that size, so inputs that share a named dim stay consistent. Raises a one-line
+    takes that size, so inputs that share a named dim stay consistent. When some shapes are given,
+    every input left out must be fixed by the model or by those shared names. Raises a one-line
     ``BnexportError`` for a name the model lacks, a wrong rank, a non-positive dim, a size the
     model fixes otherwise, or an input of several whose shape is dynamic and not given.
     """
@@ -138,10 +139,10 @@ def input_feeds(model: onnx.ModelProto, shapes: Mapping[str, Shape] | Shape | No
             continue
         if spec.dims is None:
             raise BnexportError(f"input {spec.name!r} declares no shape; pass --input-shape {spec.name}=DIMS")
-        dynamic = [axis for axis, dim in enumerate(spec.dims) if not isinstance(dim, int)]
-        if dynamic and len(specs) > 1 and given:
+        unknown = [dim for dim in spec.dims if not isinstance(dim, int) and dim not in sizes]
+        if unknown and len(specs) > 1 and given:
             raise BnexportError(f"input {spec.name!r} has dynamic shape {_dims_text(spec.dims)} and no --input-shape "
-                                f"{spec.name}=DIMS; with several inputs, give each dynamic one")
+                                f"{spec.name}=DIMS; with several inputs, give each one whose dims the others do not fix")
         shape, guessed = [], []
         for axis, dim in enumerate(spec.dims):
             if isinstance(dim, int):

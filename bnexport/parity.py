@@ -247,14 +247,19 @@ def ort_session(path_or_bytes: str | Path | bytes, *, optimize: bool, providers:
     try:
         return ort.InferenceSession(source, options, providers=providers or ["CPUExecutionProvider"])
     except Exception as err:  # ORT raises its own Fail/InvalidGraph types
-        label = "model" if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+        where = _where(path_or_bytes)
         message = first_line(err)
         missing = "Could not find an implementation for "
         if missing in message:  # e.g. a float64 Conv, or nearly any bfloat16 op on the CPU
             what = message.split(missing, 1)[1]
-            raise NoKernel(f"{label}: ONNX Runtime has no kernel for {what}, so it cannot run the model to check it; "
+            raise NoKernel(f"{where}ONNX Runtime has no kernel for {what}, so it cannot run the model to check it; "
                            "convert the model to float32 to check it") from None
-        raise BnexportError(f"{label}: ONNX Runtime cannot load it: {message}") from None
+        raise BnexportError(f"{where}ONNX Runtime cannot load the model: {message}") from None
+
+
+def _where(path_or_bytes) -> str:
+    """The file an error is about, as its message's prefix; none for a model in memory (the caller names it)."""
+    return "" if isinstance(path_or_bytes, bytes) else f"{path_or_bytes}: "
 
 
 # ONNX element types whose values ORT's numpy bridge cannot carry; they travel as OrtValues.
@@ -272,7 +277,7 @@ def onnxruntime_runner(path_or_bytes: str | Path | bytes, *, optimize: bool = Fa
     float32 reference and its float16 conversion see the same values.
     """
     session = ort_session(path_or_bytes, optimize=optimize, providers=providers, threads=threads)
-    label = "model" if isinstance(path_or_bytes, bytes) else str(path_or_bytes)
+    where = _where(path_or_bytes)
     inputs = session.get_inputs()
     outputs = session.get_outputs()
 
@@ -280,24 +285,24 @@ def onnxruntime_runner(path_or_bytes: str | Path | bytes, *, optimize: bool = Fa
         single = not isinstance(given, dict)
         if single:
             if len(inputs) != 1:
-                raise BnexportError(f"{label}: the model has {len(inputs)} inputs; feed each by name")
+                raise BnexportError(f"{where}the model has {len(inputs)} inputs; feed each by name")
             given = {inputs[0].name: given}
-        feeds = _match_feeds(label, inputs, given)
+        feeds = _match_feeds(where, inputs, given)
         try:
             values = _run_session(session, feeds, inputs, outputs)
         except Exception as err:  # ORT's own error types: a shape or type the model does not accept
             shapes = ", ".join(f"{name} {list(np.shape(value))}" for name, value in feeds.items())
-            raise BnexportError(f"{label}: ONNX Runtime cannot run it on input {shapes}: {first_line(err)}") from None
+            raise BnexportError(f"{where}ONNX Runtime cannot run the model on input {shapes}: {first_line(err)}") from None
         return values[0] if single else dict(zip((o.name for o in outputs), values))
 
     return run
 
 
-def _match_feeds(label: str, inputs, given: Feeds) -> Feeds:
+def _match_feeds(where: str, inputs, given: Feeds) -> Feeds:
     names = [i.name for i in inputs]
     if set(given) != set(names):
         if len(given) != len(names):
-            raise BnexportError(f"{label}: the model takes {len(names)} inputs ({', '.join(names)}), "
+            raise BnexportError(f"{where}the model takes {len(names)} inputs ({', '.join(names)}), "
                                 f"but {len(given)} were fed ({', '.join(given)})")
         given = dict(zip(names, given.values()))
     feeds = {}

@@ -197,3 +197,139 @@ def test_help_lists_the_new_commands():
     result = run_bnexport("--help")
     for command in ("fold", "inspect", "parity", "bench"):
         assert command in result.stdout
+
+
+# Any input signature, through the real command ------------------------------------------
+
+def _save(model, path):
+    save_onnx(model, path)
+    return path
+
+
+def test_fold_multi_input_model_with_named_shapes(tmp_path):
+    from fold.signatures import multi_input_model
+
+    source = _save(multi_input_model(), tmp_path / "multi.onnx")
+    out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = run_bnexport("fold", source, "-o", out, "--report", report_path,
+                          "--input-shape", "a=2,3,16,12", "--input-shape", "idx=5")
+    assert result.returncode == 0, result.stderr
+    assert "2 of 2 BatchNorm folded" in result.stdout
+    assert "input a: 2×3×16×12 float32" in result.stdout and "input mask: 2×1×16×12 bool" in result.stdout
+    assert "guessed" not in result.stdout
+    parity = json.loads(report_path.read_text())["parity"]
+    assert [f["shape"] for f in parity["inputs"]] == [[2, 3, 16, 12], [2, 8, 16, 12], [5], [2, 1, 16, 12]]
+    assert [f["dtype"] for f in parity["inputs"]] == ["float32", "float32", "int64", "bool"]
+    assert len(parity["results"]) == 2 and parity["passed"]
+    assert "BatchNormalization" not in op_counts(onnx.load(str(out)))
+
+
+def test_fold_says_which_shape_it_guessed(tmp_path, capsys):
+    from fold.signatures import conv_bn_model
+
+    source = _save(conv_bn_model(), tmp_path / "dynamic.onnx")
+    assert main(["fold", str(source), "-o", str(tmp_path / "out.onnx"), "--report", str(tmp_path / "r.json")]) == 0
+    out = capsys.readouterr().out
+    assert "input x: 1×4×224×224 float32 (dynamic dims 0, 2, 3 guessed" in out
+    (feed,) = json.loads((tmp_path / "r.json").read_text())["parity"]["inputs"]
+    assert feed == {"name": "x", "dtype": "float32", "shape": [1, 4, 224, 224], "guessed_dims": [0, 2, 3]}
+    # the older bare form still works for a one-input model
+    assert main(["fold", str(source), "-o", str(tmp_path / "out2.onnx"), "--input-shape", "1,4,9,9"]) == 0
+    assert "input x: 1×4×9×9 float32" in capsys.readouterr().out
+
+
+def test_fold_float16_model_passes_by_default(tmp_path):
+    from fold.signatures import conv_bn_model
+
+    source = _save(conv_bn_model(np.float16, depth=3), tmp_path / "half.onnx")
+    out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
+    result = run_bnexport("fold", source, "-o", out, "--report", report_path)
+    assert result.returncode == 0, result.stderr
+    parity = json.loads(report_path.read_text())["parity"]
+    assert parity["inputs"][0]["dtype"] == "float16" and parity["passed"]
+    # parity feeds the float16 model float16, and agrees at the float16 tolerance
+    agree = run_bnexport("parity", source, out, "--json")
+    assert agree.returncode == 0, agree.stderr
+    data = json.loads(agree.stdout)
+    assert data["inputs"][0]["dtype"] == "float16" and data["results"][0]["rtol"] == 2**-10 * 10
+
+
+@pytest.mark.parametrize("flags, fragments", [
+    (["--input-shape", "nope=1,3,8,8"], ["multi.onnx", "--input-shape", "no input 'nope'"]),
+    (["--input-shape", "a=1,3,8"], ["multi.onnx", "--input-shape", "rank 3"]),
+    (["--input-shape", "a=1,3,8,8"], ["multi.onnx", "--input-shape", "'idx'"]),
+    (["--input-shape", "1,3,8,8"], ["multi.onnx", "--input-shape", "names no input"]),
+    (["--input-shape", "a=1,3,8,8", "--input-shape", "a=1,3,9,9"], ["--input-shape", "twice"]),
+    (["--input-shape", "a=1,0,8,8"], ["--input-shape", "positive"]),
+    (["--input-shape", "a=1,x,8"], ["--input-shape", "positive integers"]),
+    (["--input-shape", "=1,3"], ["--input-shape", "NAME=DIMS"]),
+])
+def test_fold_bad_input_shapes(flags, fragments, tmp_path):
+    from fold.signatures import multi_input_model
+
+    source = _save(multi_input_model(), tmp_path / "multi.onnx")
+    result = run_bnexport("fold", source, "-o", tmp_path / "out.onnx", *flags)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out.onnx").exists()
+
+
+def test_no_kernel_is_one_line_with_a_way_out(tmp_path):
+    from fold.signatures import conv_bn_model
+
+    source = _save(conv_bn_model(np.float64), tmp_path / "double.onnx")
+    result = run_bnexport("fold", source, "-o", tmp_path / "out.onnx")
+    assert_one_line_error(result, "double.onnx", "no kernel for Conv", "float32", "--no-check")
+    assert not (tmp_path / "out.onnx").exists()
+    assert main(["fold", str(source), "-o", str(tmp_path / "out.onnx"), "--no-check"]) == 0
+    parity = run_bnexport("parity", source, tmp_path / "out.onnx")
+    assert_one_line_error(parity, "double.onnx", "no kernel for Conv", "float32")
+    assert "--no-check" not in parity.stderr  # parity has no such flag
+
+
+def test_parity_compares_every_output_of_a_multi_input_model(tmp_path):
+    from fold.signatures import multi_input_model
+
+    source = _save(multi_input_model(), tmp_path / "multi.onnx")
+    assert main(["fold", str(source), "-o", str(tmp_path / "folded.onnx"), "--no-check"]) == 0
+    result = run_bnexport("parity", source, tmp_path / "folded.onnx", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    assert [r["name"] for r in data["results"]] == [f"{tmp_path / 'folded.onnx'} [y]", f"{tmp_path / 'folded.onnx'} [r]"]
+    assert [f["name"] for f in data["inputs"]] == ["a", "b", "idx", "mask"]
+    # a nudged second output is caught, and named
+    nudged = onnx.load(str(tmp_path / "folded.onnx"))
+    nudged.graph.node.append(helper.make_node("Mul", ["r", "two"], ["r2"], name="nudge"))
+    nudged.graph.initializer.append(numpy_helper.from_array(np.array(1.01, np.float32), "two"))
+    nudged.graph.output[1].name = "r2"  # the same output, 1 % larger
+    save_onnx(nudged, tmp_path / "nudged.onnx")
+    table = run_bnexport("parity", source, tmp_path / "nudged.onnx", "--input-shape", "a=1,3,8,8", "--input-shape", "idx=2")
+    assert table.returncode == 1, table.stderr
+    assert "[r]" in table.stdout and "FAIL" in table.stdout and "input idx: 2 int64" in table.stdout
+
+
+ONNX_ONLY_COMMANDS = """
+import sys
+from bnexport.cli import main
+model, out = sys.argv[1], sys.argv[2]
+assert main(["inspect", model]) == 0
+assert main(["fold", model, "-o", out]) == 0
+assert main(["parity", model, out]) == 0
+loaded = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
+print("torch modules:", len(loaded), loaded[:3])
+"""
+
+
+def test_onnx_only_commands_never_import_torch(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from fold.signatures import conv_bn_model
+
+    source = _save(conv_bn_model(), tmp_path / "m.onnx")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", ONNX_ONLY_COMMANDS, str(source), str(tmp_path / "out.onnx")],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "torch modules: 0 []" in done.stdout, done.stdout
