@@ -176,8 +176,9 @@ def add_tolerance_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"absolute tolerance (default: {DEFAULT_ATOL:g} for float32 models; "
                              "coarser dtypes get their own, from their machine epsilon)")
     parser.add_argument("--rtol", type=non_negative_float, default=None,
-                        help=f"tolerance relative to max|reference| (default: {DEFAULT_RTOL:g} for float32 models; "
-                             "1e-2 for float16, 6.25e-2 for bfloat16)")
+                        help=f"tolerance relative to max|reference| (default: {DEFAULT_RTOL:g} for float32 models, "
+                             f"{tolerance_for('float16').rtol:.2g} for float16, {tolerance_for('bfloat16').rtol:.2g} "
+                             "for bfloat16: ten units of the dtype's rounding)")
 
 
 def tolerance_from_args(args: argparse.Namespace, dtype_name: str = "float32") -> Tolerance:
@@ -429,11 +430,17 @@ def _fold_onnx_source(args: argparse.Namespace, source, given):
         tolerance = tolerance_from_args(args, model_float_dtype(source.onnx_model))
     try:
         return fold_onnx(source.onnx_model, check=not args.no_check, input_shapes=given, seed=args.seed,
-                         tolerance=tolerance)
+                         tolerance=tolerance, stored_at=args.model)
     except NoKernel as err:
-        raise BnexportError(f"{args.model}: {err}, or fold it with --no-check") from None
+        raise BnexportError(f"{_about(args.model, err)}, or fold it with --no-check") from None
     except BnexportError as err:
-        raise BnexportError(f"{args.model}: {err}") from None
+        raise BnexportError(_about(args.model, err)) from None
+
+
+def _about(path: Path, err: Exception) -> str:
+    """The error's message, starting with the file it is about (once)."""
+    text = str(err)
+    return text if text.startswith(f"{path}: ") else f"{path}: {text}"
 
 
 def _one_shape(path: Path, given) -> tuple[int, ...] | None:

@@ -431,6 +431,8 @@ def onnx_intermediates(model, inputs: np.ndarray | Feeds) -> dict[str, np.ndarra
     """Every float tensor that shape inference can type, computed by ORT with graph optimisations off."""
     import onnx
 
+    from .inputs import input_specs
+
     inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
     probed = onnx.ModelProto()
     probed.CopyFrom(inferred)
@@ -440,14 +442,7 @@ def onnx_intermediates(model, inputs: np.ndarray | Feeds) -> dict[str, np.ndarra
         if info.name not in existing and info.type.tensor_type.elem_type in float_types:
             probed.graph.output.append(info)
     run = onnxruntime_runner(probed.SerializeToString(), optimize=False)
-    if not isinstance(inputs, dict):
-        inputs = {i.name: inputs for i in _data_inputs_of(probed)[:1]}
-    return run(inputs)
-
-
-def _data_inputs_of(model):
-    initializers = {t.name for t in model.graph.initializer}
-    return [i for i in model.graph.input if i.name not in initializers]
+    return run(inputs if isinstance(inputs, dict) else {input_specs(probed)[0].name: inputs})
 
 
 def onnx_drilldown(reference, candidate, inputs: np.ndarray | Feeds, *,

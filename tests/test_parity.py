@@ -3,7 +3,7 @@ import pytest
 
 from bnexport.config import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
 from bnexport.errors import BnexportError
-from bnexport.parity import compare, run_parity, seeded_input
+from bnexport.parity import compare, compare_outputs, run_parity, seeded_input
 
 
 def test_metrics_on_a_constructed_case():
@@ -51,3 +51,38 @@ def test_seeded_input_is_reproducible():
     assert np.array_equal(seeded_input((2, 3), seed=5), seeded_input((2, 3), seed=5))
     assert not np.array_equal(seeded_input((2, 3), seed=5), seeded_input((2, 3), seed=6))
     assert seeded_input((2, 3)).dtype == np.float32
+
+
+def test_every_output_is_compared_by_name_or_position():
+    reference = {"logits": np.ones((2, 3)), "features": np.full((2, 4), 10.0)}
+    same_names = {"features": np.full((2, 4), 10.0), "logits": np.ones((2, 3)) + 0.5}
+    results = compare_outputs("c", reference, same_names)
+    assert [r.name for r in results] == ["c [logits]", "c [features]"]
+    assert [bool(r) for r in results] == [False, True]  # paired by name, not by order
+    renamed = {"out0": np.ones((2, 3)), "out1": np.full((2, 4), 10.0)}
+    assert all(compare_outputs("c", reference, renamed))  # another export's names: paired by position
+    with pytest.raises(BnexportError, match="1 outputs, the reference has 2"):
+        compare_outputs("c", reference, {"only": np.ones((2, 3))})
+    # one output either way: one comparison called by the candidate's name alone
+    (single,) = compare_outputs("c", np.ones(3), {"y": np.ones(3)})
+    assert single.name == "c" and single
+
+
+def test_report_records_feeds_and_names_the_worst_output():
+    feeds = {"a": seeded_input((2, 3), seed=1), "mask": np.array([True, False])}
+    report = run_parity(lambda f: {"y": f["a"] * 2, "z": f["a"]},
+                        {"cand": lambda f: {"y": f["a"] * 2, "z": f["a"] + 1}}, feeds, seed=1)
+    assert [r.name for r in report.results] == ["cand [y]", "cand [z]"] and not report.passed
+    assert report.worst().name == "cand [z]"
+    data = report.to_json()
+    assert data["input_shape"] == [2, 3]
+    assert data["inputs"] == [{"name": "a", "dtype": "float32", "shape": [2, 3]}, {"name": "mask", "dtype": "bool", "shape": [2]}]
+    assert "input mask: 2 bool" in report.table()
+
+
+def test_bfloat16_and_integer_outputs_compare_as_numbers():
+    import ml_dtypes
+
+    values = np.array([1.0, 2.0, 3.0], dtype=ml_dtypes.bfloat16)
+    assert compare("b", values, values).max_abs == 0.0
+    assert compare("i", np.array([1, 2]), np.array([1, 3])).max_abs == 1.0
