@@ -333,3 +333,19 @@ def test_onnx_only_commands_never_import_torch(tmp_path):
                           env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert "torch modules: 0 []" in done.stdout, done.stdout
+
+
+def test_parity_of_a_model_and_its_float16_copy(tmp_path):
+    """The float32 reference's feeds are cast to the float16 copy's inputs; the coarser dtype sets the tolerance."""
+    from fold.signatures import conv_bn_model
+
+    single = _save(conv_bn_model(np.float32), tmp_path / "single.onnx")
+    half = _save(conv_bn_model(np.float16), tmp_path / "half.onnx")  # the same weights, rounded
+    result = run_bnexport("parity", single, half, "--input-shape", "1,4,32,32", "--json")
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)
+    (comparison,) = data["results"]
+    assert comparison["rtol"] == 2**-10 * 10 and 0 < comparison["max_rel"] < 2**-10 * 10
+    assert data["inputs"][0] == {"name": "x", "dtype": "float32", "shape": [1, 4, 32, 32], "guessed_dims": []}
+    # at float32's tolerance the same pair is told apart
+    assert run_bnexport("parity", single, half, "--input-shape", "1,4,32,32", "--rtol", "1e-5", "--atol", "0").returncode == 1
