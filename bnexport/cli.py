@@ -372,7 +372,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from .export import save_onnx
     from .fold import uses_external_data
     from .parity import inputs_text
-    from .sources import load_source
+    from .sources import load_source, single_shape
 
     output = _fold_output(args)
     if args.report is not None:
@@ -387,7 +387,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         else:
             from .fold import fold_module
 
-            shape = _one_shape(args.model, given) or source.input_shape
+            shape = single_shape(args.model, given) or source.input_shape
             folded, report = fold_module(source.module, check=not args.no_check, input_shape=shape,
                                          seed=args.seed, tolerance=tolerance_from_args(args))
     except CheckFailed as failed:
@@ -443,15 +443,6 @@ def _about(path: Path, err: Exception) -> str:
     return text if text.startswith(f"{path}: ") else f"{path}: {text}"
 
 
-def _one_shape(path: Path, given) -> tuple[int, ...] | None:
-    """A checkpoint's model takes one input: a bare shape, or one NAME=shape whatever the name."""
-    if given is None or isinstance(given, tuple):
-        return given
-    if len(given) != 1:
-        raise BnexportError(f"{path}: --input-shape: a checkpoint's model takes one input, not {len(given)}")
-    return next(iter(given.values()))
-
-
 def _save_folded_module(folded, output: Path, shape: tuple[int, ...]) -> None:
     import torch
 
@@ -500,34 +491,6 @@ def _runner(source):
     return named
 
 
-def _parity_feeds(args: argparse.Namespace, reference, candidate, given):
-    """The feeds of a parity run, from the first ONNX model of the two (a checkpoint takes one image batch)."""
-    from .config import INPUT_NAME
-    from .inputs import Feed, input_feeds
-
-    onnx_sources = [s for s in (reference, candidate) if s.kind == "onnx"]
-    if not onnx_sources:
-        shape = _one_shape(args.reference, given) or reference.input_shape
-        return [Feed(INPUT_NAME, "float32", tuple(shape))]
-    first = onnx_sources[0]
-    try:
-        feeds = input_feeds(first.onnx_model, given)
-    except BnexportError as err:
-        raise BnexportError(f"{first.path}: {'--input-shape ' if given is not None else ''}{err}") from None
-    if given is not None:
-        return feeds
-    if len(onnx_sources) == 1:
-        checkpoint = candidate if first is reference else reference
-        if len(feeds) == 1 and feeds[0].guessed:  # the checkpoint knows the shape its model takes
-            feeds = [Feed(feeds[0].name, feeds[0].dtype, tuple(checkpoint.input_shape))]
-        return feeds
-    other = [list(f.shape) for f in input_feeds(candidate.onnx_model)]
-    if other != [list(f.shape) for f in feeds]:
-        raise BnexportError(f"{args.candidate}: input shapes {other} differ from {args.reference}'s "
-                            f"{[list(f.shape) for f in feeds]}; pass --input-shape if both accept one")
-    return feeds
-
-
 def cmd_parity(args: argparse.Namespace) -> int:
     """Compare two models, ONNX files or bnexport checkpoints, on seeded input.
 
@@ -536,15 +499,15 @@ def cmd_parity(args: argparse.Namespace) -> int:
     --atol + --rtol·max|reference| (by default the coarser model dtype's tolerance), 1 when they
     differ, 2 on bad input.
     """
-    from .inputs import model_float_dtype, seeded_feeds
+    from .inputs import seeded_feeds
     from .parity import run_parity
+    from .sources import coarsest_dtype, load_source, parity_feeds
 
     given = given_shapes(args.input_shape)
-    reference = load_parity_source(args.reference)
-    candidate = load_parity_source(args.candidate)
-    feeds = _parity_feeds(args, reference, candidate, given)
-    dtypes = [model_float_dtype(s.onnx_model) if s.kind == "onnx" else "float32" for s in (reference, candidate)]
-    tolerance = tolerance_from_args(args, max(dtypes, key=lambda d: tolerance_for(d).rtol))
+    reference = load_source(args.reference, needs_input_shape=False)
+    candidate = load_source(args.candidate, needs_input_shape=False)
+    feeds = parity_feeds(reference, candidate, given)
+    tolerance = tolerance_from_args(args, coarsest_dtype(reference, candidate))
     report = run_parity(_runner(reference), {str(args.candidate): _runner(candidate)}, seeded_feeds(feeds, seed=args.seed),
                         reference_name=str(args.reference), seed=args.seed, tolerance=tolerance,
                         described=[feed.to_json() for feed in feeds])
@@ -555,21 +518,15 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return EXIT_OK if report.passed else EXIT_CHECK_FAILED
 
 
-def load_parity_source(path: Path):
-    from .sources import load_source
-
-    return load_source(path, needs_input_shape=False)
-
-
 def cmd_bench(args: argparse.Namespace) -> int:
     """Inference latency of a checkpoint or ONNX file, BatchNorm kept and folded, per runtime and batch size."""
     import torch
 
     from .bench import bench, module_runners, onnx_runners
     from .fold import fold_onnx
-    from .sources import load_source
+    from .sources import load_source, single_shape
 
-    given = _one_shape(args.model, given_shapes(args.input_shape))
+    given = single_shape(args.model, given_shapes(args.input_shape))
     source = load_source(args.model, input_shape=given)
     shape = given or source.input_shape
     if args.threads:

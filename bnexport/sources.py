@@ -11,8 +11,10 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import INPUT_NAME, MACHINE_EPSILON
 from .errors import BnexportError
 from .fold import load_onnx, model_input_shape
+from .inputs import Feed, input_feeds, model_float_dtype
 
 
 @dataclass
@@ -61,3 +63,46 @@ def load_source(path: str | Path, *, needs_input_shape: bool = True, input_shape
             flag = "--input-shape: " if input_shape is not None else ""
             raise BnexportError(f"{path}: {flag}{err}") from None
     return Source(path, onnx_model=model, input_shape=shape)
+
+
+def coarsest_dtype(*sources: Source) -> str:
+    """The float dtype whose rounding bounds a comparison of these models: the coarsest of theirs
+    (a checkpoint computes in float32)."""
+    dtypes = [model_float_dtype(s.onnx_model) if s.kind == "onnx" else "float32" for s in sources]
+    return max(dtypes, key=MACHINE_EPSILON.__getitem__)
+
+
+def parity_feeds(reference: Source, candidate: Source, shapes=None) -> list[Feed]:
+    """What a comparison of two models feeds them: the inputs of the first ONNX model of the two,
+    with ``shapes`` (as ``input_feeds`` takes them) or its own; a checkpoint alone takes its one
+    image batch. Without ``shapes``, two ONNX models must resolve to the same input shapes, and a
+    checkpoint's shape replaces the guess for an ONNX model's one dynamic input."""
+    onnx_sources = [s for s in (reference, candidate) if s.kind == "onnx"]
+    if not onnx_sources:
+        return [Feed(INPUT_NAME, "float32", tuple(single_shape(reference.path, shapes) or reference.input_shape))]
+    first = onnx_sources[0]
+    try:
+        feeds = input_feeds(first.onnx_model, shapes)
+    except BnexportError as err:
+        raise BnexportError(f"{first.path}: {'--input-shape ' if shapes is not None else ''}{err}") from None
+    if shapes is not None:
+        return feeds
+    if len(onnx_sources) == 1:
+        checkpoint = candidate if first is reference else reference
+        if len(feeds) == 1 and feeds[0].guessed:  # the checkpoint knows the shape its model takes
+            feeds = [Feed(feeds[0].name, feeds[0].dtype, tuple(checkpoint.input_shape))]
+        return feeds
+    other = [list(f.shape) for f in input_feeds(candidate.onnx_model)]
+    if other != [list(f.shape) for f in feeds]:
+        raise BnexportError(f"{candidate.path}: input shapes {other} differ from {reference.path}'s "
+                            f"{[list(f.shape) for f in feeds]}; pass --input-shape if both accept one")
+    return feeds
+
+
+def single_shape(path: Path, shapes) -> tuple[int, ...] | None:
+    """The one shape of a one-input model (a checkpoint's): a bare shape, or one NAME=shape whatever the name."""
+    if shapes is None or isinstance(shapes, tuple):
+        return shapes
+    if len(shapes) != 1:
+        raise BnexportError(f"{path}: --input-shape: the model takes one input, not {len(shapes)}")
+    return next(iter(shapes.values()))
