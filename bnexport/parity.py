@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import DEFAULT_TOLERANCE, MACHINE_EPSILON, Tolerance
+from .config import DEFAULT_TOLERANCE, INPUT_NAME, MACHINE_EPSILON, Tolerance
 from .errors import BnexportError, first_line
 from .tables import format_table
 
@@ -176,7 +176,7 @@ def run_parity(
     name, shape and dtype are read off ``inputs``."""
     expected = reference(inputs)
     if described is None:
-        feeds = inputs if isinstance(inputs, dict) else {"input": inputs}
+        feeds = inputs if isinstance(inputs, dict) else {INPUT_NAME: inputs}
         described = [{"name": n, "dtype": _dtype_name(v), "shape": list(np.shape(v))} for n, v in feeds.items()]
     first = next(iter(inputs.values())) if isinstance(inputs, dict) and inputs else inputs
     report = ParityReport(reference=reference_name, input_shape=list(np.shape(first)), seed=seed, inputs=described)
