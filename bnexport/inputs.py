@@ -3,9 +3,9 @@
 A graph input is an entry of ``graph.input`` that is not an initializer. Its shape is the one
 the caller gives, or the model's own, with each dynamic dim (``-1``, symbolic or missing) set
 to a size a real input would have: batch 1, an image's height and width 224, a sequence 128
-(``guessed_dim`` has the rule). A check on 1×1 images would pass a fold that is wrong at the
-borders of every padded conv, so a guess is never 1 where a real input is larger, and the
-command that guessed says so.
+(``guessed_dim`` has the rule). On 1×1 images a 3×3 conv sees its padding almost alone and a
+strided net shrinks to nothing, so such a check says little; a guess is never 1 where a real
+input is larger, and the command that guessed says so.
 
 Values come from one seed, per input index: input ``i`` always gets
 ``default_rng([seed, i])``'s draw, whatever the other inputs are. Floats are standard normal in the
