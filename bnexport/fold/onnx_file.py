@@ -14,7 +14,8 @@ import onnx
 from ..config import DEFAULT_SEED, DEFAULT_TOLERANCE, Tolerance
 from ..errors import BnexportError, first_line
 from .checks import raise_check_failed
-from .onnx_fold import fold_graph
+from .onnx_patterns import fold_graph
+from .onnx_valid import ensure_valid
 from .report import FoldReport
 
 
@@ -59,23 +60,26 @@ def fold_onnx(
     input_shape: tuple[int, ...] | None = None,
     seed: int = DEFAULT_SEED,
     tolerance: Tolerance = DEFAULT_TOLERANCE,
+    fold_overridable: bool = False,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every BatchNormalization of an ONNX model that folds exactly.
 
     With ``check`` the result must pass ``onnx.checker`` (full check), and both graphs run in
     ONNX Runtime, graph optimisations off, on seeded input of ``input_shape`` (default: the
-    model's, dynamic dims set to 1); ``report.parity`` holds the result.
+    model's, dynamic dims set to 1); ``report.parity`` holds the result. Whether checked or
+    not, the result passes ``onnx.checker`` and loads in ONNX Runtime (``onnx_valid``), or a
+    ``BnexportError`` says why not. ``fold_overridable`` folds BNs whose parameters are
+    initializers that are also graph inputs (IR >= 4), which are otherwise kept.
     """
     original = load_onnx(model)
     try:
-        folded, report = fold_graph(original)
+        folded, report = fold_graph(original, fold_overridable=fold_overridable)
+        ensure_valid(original, folded, report)  # with or without the check: never hand back a model that cannot load
     except BnexportError as err:
         if isinstance(model, (str, Path)):
             raise BnexportError(f"{model}: {err}") from None
         raise
     if check and report.folded:
-        # every rewrite must leave a valid model; a failure here is a bug, so it is not caught
-        onnx.checker.check_model(folded, full_check=True)
         _check_onnx(original, folded, report, input_shape or model_input_shape(original), seed=seed, tolerance=tolerance)
     return folded, report
 

@@ -1,0 +1,88 @@
+"""Refuse to hand back a folded ONNX model that the checker or ONNX Runtime would reject.
+
+The check runs on the model's structure: each large initializer of the main graph is
+declared as a graph input of the same dtype and shape instead of carrying its bytes. The
+checker (full check, with shape inference) and ONNX Runtime's loader then see every node,
+name, subgraph read and type the folded model has, but neither has to copy the weights, so
+the check costs milliseconds on a 100 MB model. Small initializers, such as the shapes a
+Reshape reads, keep their values, so shape inference sees them. The fold writes each
+weight's bytes from an array of the declared shape, so their sizes cannot disagree.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from ..errors import BnexportError, first_line
+from .report import FoldReport
+
+# initializers with more elements than this are declared by dtype and shape only
+SKELETON_MAX_ELEMENTS = 1024
+
+
+def ensure_valid(original: onnx.ModelProto, folded: onnx.ModelProto, report: FoldReport) -> None:
+    """Raise a one-line ``BnexportError`` when ``folded`` fails ``onnx.checker`` (full check) or
+    does not load in ONNX Runtime while ``original`` does.
+
+    An unfolded result is the input itself and is not checked again. When ONNX Runtime cannot
+    load the input either (it lacks a kernel, e.g. a float64 Conv), the folded model is judged
+    by the checker alone and ``report.notes`` says so.
+    """
+    if not report.folded:
+        return
+    skeleton = structure_of(folded)
+    try:
+        onnx.checker.check_model(skeleton, full_check=True)
+    except Exception as err:  # onnx's ValidationError and InferenceError
+        raise BnexportError(f"the folded model would be invalid ({first_line(err)}); nothing was written") from None
+    problem = ort_load_problem(skeleton)
+    if problem is None:
+        return
+    original_problem = ort_load_problem(structure_of(original))
+    if original_problem is None:
+        raise BnexportError(f"the folded model would not load in ONNX Runtime ({problem}); nothing was written")
+    report.notes.append(f"ONNX Runtime cannot load the input model ({original_problem}); the folded model passed "
+                        "onnx.checker. To run either, convert it to a dtype or opset ONNX Runtime has kernels for "
+                        "(e.g. float32), or use a runtime that has them")
+
+
+def structure_of(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with each large main-graph initializer declared as a typed input instead of holding its bytes."""
+    skeleton = onnx.ModelProto()
+    _copy_fields(model, skeleton, skip={"graph"})
+    _copy_fields(model.graph, skeleton.graph, skip={"initializer"})
+    declared = {i.name for i in skeleton.graph.input}
+    for tensor in model.graph.initializer:
+        if int(np.prod(tensor.dims, dtype=np.int64)) <= SKELETON_MAX_ELEMENTS:
+            skeleton.graph.initializer.add().CopyFrom(tensor)
+        elif tensor.name not in declared and model.ir_version >= 4:  # IR < 4 declares every initializer already
+            skeleton.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+    return skeleton
+
+
+def ort_load_problem(model: onnx.ModelProto) -> str | None:
+    """Why ONNX Runtime (CPU, graph optimisations off) refuses to load ``model``, or None when it loads."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # its warnings about unused initializers are not ours to print
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # ORT raises its own Fail, InvalidGraph and NotImplemented types
+        return first_line(err)
+    return None
+
+
+def _copy_fields(source, target, *, skip: set[str]) -> None:
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
