@@ -80,6 +80,8 @@ def fold_onnx(
             raise BnexportError(f"{model}: {err}") from None
         raise
     if check and report.folded:
+        # every rewrite must leave a valid model; a failure here is a bug, so it is not caught
+        onnx.checker.check_model(folded, full_check=True)
         _check_onnx(original, folded, report, input_shape or model_input_shape(original), seed=seed, tolerance=tolerance)
     return folded, report
 

@@ -33,18 +33,21 @@ def ensure_valid(original: onnx.ModelProto, folded: onnx.ModelProto, report: Fol
     if not report.folded:
         return
     skeleton = structure_of(folded)
-    try:
-        onnx.checker.check_model(skeleton, full_check=True)
-    except Exception as err:  # onnx's ValidationError and InferenceError
-        raise BnexportError(f"the folded model would be invalid ({first_line(err)}); nothing was written") from None
+    problem = checker_problem(skeleton)
+    if problem is not None:
+        original_problem = checker_problem(structure_of(original))
+        if original_problem is None:
+            raise BnexportError(f"the folded model would be invalid ({problem}); nothing was written")
+        # a fold cannot repair its input: say so, and still require that ONNX Runtime loads the result
+        report.notes.append(f"the input model fails onnx.checker's full check ({original_problem}); so does the folded one")
     problem = ort_load_problem(skeleton)
     if problem is None:
         return
     original_problem = ort_load_problem(structure_of(original))
     if original_problem is None:
         raise BnexportError(f"the folded model would not load in ONNX Runtime ({problem}); nothing was written")
-    report.notes.append(f"ONNX Runtime cannot load the input model ({original_problem}); the folded model passed "
-                        "onnx.checker. To run either, convert it to a dtype or opset ONNX Runtime has kernels for "
+    report.notes.append(f"ONNX Runtime cannot load the input model ({original_problem}); the folded model was judged by "
+                        "onnx.checker alone. To run either, convert it to a dtype or opset ONNX Runtime has kernels for "
                         "(e.g. float32), or use a runtime that has them")
 
 
@@ -60,6 +63,15 @@ def structure_of(model: onnx.ModelProto) -> onnx.ModelProto:
         elif tensor.name not in declared and model.ir_version >= 4:  # IR < 4 declares every initializer already
             skeleton.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     return skeleton
+
+
+def checker_problem(model: onnx.ModelProto) -> str | None:
+    """Why ``onnx.checker`` (full check, with shape inference) rejects ``model``, or None when it passes."""
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except Exception as err:  # onnx's ValidationError and InferenceError
+        return first_line(err)
+    return None
 
 
 def ort_load_problem(model: onnx.ModelProto) -> str | None:
