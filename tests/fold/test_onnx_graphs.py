@@ -449,3 +449,44 @@ def test_kept_records_carry_a_known_code():
     for build in (nested_if_model, loop_model, scan_model):
         codes_are_known(fold_onnx(build(), check=False)[1])
     codes_are_known(fold_onnx(conv_bn_model(bn_inputs_as_graph_inputs=True))[1])
+
+
+def test_bn_in_a_branch_after_an_outer_conv_is_kept_with_its_reason():
+    rng = np.random.default_rng(11)
+    tensors = {"w": conv_weight(rng, 4, 3), **bn_tensors("bn", 4, rng)}
+    branch = helper.make_graph([bn("bn", "c", "t")], "then", [], [vi("t", [1, 4, 5, 5])])
+    plain = helper.make_graph([helper.make_node("Identity", ["c"], ["e"])], "else", [], [vi("e", [1, 4, 5, 5])])
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+             helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch, else_branch=plain)]
+    original = model_of(nodes, [vi("x", [1, 3, 5, 5]), vi("cond", [], TensorProto.BOOL)], [vi("y", [1, 4, 5, 5])], tensors)
+    folded, report = fold_onnx(original)
+    # its input comes from the enclosing graph, and its output is the branch's output
+    assert (report.records[0].status, report.records[0].reason_code) == ("kept", "graph_output")
+    assert "input comes from an enclosing graph" in report.records[0].reason and folded == original
+
+
+@pytest.mark.parametrize("ir", [3, 8])
+def test_folded_branch_weights_live_where_the_ir_version_allows(ir):
+    """IR >= 4: in the branch's own initializers. IR 3: in the main graph, listed as an input."""
+    rng = np.random.default_rng(12)
+    tensors = {"w": conv_weight(rng, 4, 3), **bn_tensors("bn", 4, rng)}
+    branch = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1] * 4),
+                                bn("bn", "c", "t")], "then", [], [vi("t", [1, 4, 5, 5])])
+    plain = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["e"], name="conv_plain", pads=[1] * 4)],
+                              "else", [], [vi("e", [1, 4, 5, 5])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="if", then_branch=branch, else_branch=plain)]
+    original = model_of(nodes, [vi("x", [1, 3, 5, 5]), vi("cond", [], TensorProto.BOOL)], [vi("y", [1, 4, 5, 5])],
+                        tensors, opset=8 if ir == 3 else 18, ir=ir, list_initializers=ir == 3)
+    folded, report = fold_onnx(original, check=False)
+    assert len(report.folded) == 1
+    then = next(a.g for a in folded.graph.node[0].attribute if a.name == "then_branch")
+    main_names = {t.name for t in folded.graph.initializer}
+    if ir == 3:
+        assert not then.initializer and {"w", "w_bnfolded", "c_bnfolded"} <= main_names
+        assert main_names <= {i.name for i in folded.graph.input}
+    else:
+        assert {t.name for t in then.initializer} == {"w_bnfolded", "c_bnfolded"} and "w" in main_names
+    for cond in (True, False):
+        feeds = seeded_feeds(original, seed=14)
+        feeds["cond"] = np.array(cond)
+        assert_same(original, folded, feeds)
