@@ -255,7 +255,7 @@ def _inferred_shapes(root: GraphIndex) -> dict[str, list[int | None]]:
                 name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
-    except Exception:  # inference gives up on some graphs; every shape is then unknown, and patterns that need one keep the BN
+    except Exception:  # inference gives up on some graphs: every shape is unknown, and patterns needing one keep the BN
         return {}
     shapes: dict[str, list[int | None]] = {}
 

@@ -113,7 +113,8 @@ def bn_parameters(index: GraphIndex, bn: onnx.NodeProto, *, opset: int) -> tuple
     eps = float(attribute(bn, "epsilon", 1e-5))
     problem = invalid_statistics(var, eps)
     if problem:
-        raise BnexportError(f"BatchNormalization '{node_label(bn)}': {problem}; refusing to fold a BN that outputs NaN or inf")
+        raise BnexportError(f"BatchNormalization '{node_label(bn)}': {problem}; "
+                            "refusing to fold a BN that outputs NaN or inf")
     return bn_scale_shift(gamma, beta, mean, var, eps)
 
 
@@ -328,7 +329,8 @@ class Folder:
             return Kept("shape_mismatch", "BN normalises axis 1, but the MatMul's output channels are its last axis "
                                           "(input is not 2-D)")
         if bias.size not in (1, len(scale)) or bias.ndim > 1 or weight.shape[1] != len(scale):
-            return Kept("shape_mismatch", f"the Add's constant has shape {list(bias.shape)}, not one value per output channel")
+            return Kept("shape_mismatch", f"the Add's constant has shape {list(bias.shape)}, "
+                                          "not one value per output channel")
         work = _work_dtype(weight.dtype)
         self.store(matmul, 1, weight.astype(work, copy=False) * scale.astype(work)[None, :], dtype=weight.dtype)
         self.store(add, bias_position, bias.astype(np.float64) * scale + shift, dtype=bias.dtype)

@@ -30,7 +30,8 @@ def seeded_feeds(model: onnx.ModelProto, *, seed: int = 0, dynamic: int = 2, sha
     feeds = {}
     for value in data_inputs(model):
         tensor_type = value.type.tensor_type
-        shape = (shapes or {}).get(value.name) or [d.dim_value if d.dim_value > 0 else dynamic for d in tensor_type.shape.dim]
+        shape = (shapes or {}).get(value.name) or [d.dim_value if d.dim_value > 0 else dynamic
+                                                    for d in tensor_type.shape.dim]
         dtype = helper.tensor_dtype_to_np_dtype(tensor_type.elem_type)
         if tensor_type.elem_type == TensorProto.BOOL:
             feeds[value.name] = np.ones(shape, dtype=bool)
@@ -74,9 +75,12 @@ def assert_valid(model: onnx.ModelProto) -> None:
 
 def bn_tensors(prefix: str, channels: int, rng: np.random.Generator, dtype=np.float32) -> dict[str, np.ndarray]:
     """γ, β, μ, σ² named PREFIX_{g,b,m,v}, with trained-looking values."""
-    return {f"{prefix}_g": (rng.random(channels) + 0.5).astype(dtype), f"{prefix}_b": rng.standard_normal(channels).astype(dtype),
-            f"{prefix}_m": rng.standard_normal(channels).astype(dtype), f"{prefix}_v": (rng.random(channels) + 0.5).astype(dtype)}
+    return {f"{prefix}_g": (rng.random(channels) + 0.5).astype(dtype),
+            f"{prefix}_b": rng.standard_normal(channels).astype(dtype),
+            f"{prefix}_m": rng.standard_normal(channels).astype(dtype),
+            f"{prefix}_v": (rng.random(channels) + 0.5).astype(dtype)}
 
 
 def bn(prefix: str, source: str, output: str, **attrs) -> onnx.NodeProto:
-    return helper.make_node("BatchNormalization", [source, *(f"{prefix}_{k}" for k in "gbmv")], [output], name=prefix, **attrs)
+    inputs = [source, *(f"{prefix}_{k}" for k in "gbmv")]
+    return helper.make_node("BatchNormalization", inputs, [output], name=prefix, **attrs)

@@ -386,7 +386,8 @@ def test_hand_built_float16_graph_folds_within_float16_tolerance():
 def test_converted_float16_model_folds_within_float16_tolerance():
     float16 = pytest.importorskip("onnxconverter_common.float16")
     rng = np.random.default_rng(9)
-    tensors = {"w": conv_weight(rng, 4, 3), "w2": conv_weight(rng, 4, 4), "up": rng.standard_normal((4, 4, 2, 2)).astype(np.float32),
+    tensors = {"w": conv_weight(rng, 4, 3), "w2": conv_weight(rng, 4, 4),
+               "up": rng.standard_normal((4, 4, 2, 2)).astype(np.float32),
                "a": rng.standard_normal((4, 1, 1)).astype(np.float32),
                **bn_tensors("bn1", 4, rng), **bn_tensors("bn2", 4, rng), **bn_tensors("bn3", 4, rng)}
     nodes = [helper.make_node("Conv", ["x", "w"], ["c1"], name="conv1", pads=[1] * 4), bn("bn1", "c1", "b1"),
