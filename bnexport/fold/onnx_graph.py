@@ -133,8 +133,9 @@ class GraphIndex:
         self.graph_outputs = {o.name for o in graph.output}
         self.elem_types = {v.name: v.type.tensor_type.elem_type for v in [*graph.input, *graph.value_info, *graph.output]}
         # IR >= 4 lets an initializer be a graph input, whose value a caller may override at run time
-        overridable = parent is None and model.ir_version >= 4 and not fold_overridable
-        self.overridable = (self.inputs & set(self.initializers)) if overridable else set()
+        in_signature = parent is None and model.ir_version >= 4
+        self.caller_inputs = (self.inputs & set(self.initializers)) if in_signature else set()
+        self.overridable = set() if fold_overridable else self.caller_inputs
         self._constants: dict[str, np.ndarray | None] = {}
         self.shapes: dict[str, list[int | None]] | None = None  # filled by shape inference when first needed
 

@@ -170,7 +170,7 @@ class Folder:
         array = np.ascontiguousarray(value, dtype=dtype)
         # readers of only its shape or type (Shape, CastLike) do not count: a fold keeps both
         if name and index.is_initializer(name) and index.value_use_count(name) == 1 and \
-                _same_shape(index, name, array) and name not in index.overridable:
+                _same_shape(index, name, array) and name not in index.caller_inputs:  # an input keeps its default
             index.new_values[name] = array
             return
         weight_name = node.input[1] if len(node.input) > 1 else ""

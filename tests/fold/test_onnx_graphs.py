@@ -291,8 +291,11 @@ def test_overridable_conv_weight_is_kept():
     model.graph.input.append(vi("w", [4, 3, 3, 3]))
     _, report = fold_onnx(model, check=False)
     assert (report.records[0].status, report.records[0].reason_code) == ("kept", "overridable_input")
-    _, report = fold_onnx(model, check=False, fold_overridable=True)
+    folded, report = fold_onnx(model, check=False, fold_overridable=True)
     assert report.records[0].status == "folded"
+    # the input's default stays the unfolded weight; the conv reads a folded copy
+    defaults = {t.name: t for t in folded.graph.initializer}
+    assert folded.graph.node[0].input[1] != "w" and defaults["w"] == next(t for t in model.graph.initializer if t.name == "w")
 
 
 def test_dynamic_and_negative_dims_count_as_dynamic():
