@@ -118,9 +118,11 @@ class GraphIndex:
         self.model = model
         self.parent = parent
         graph = self.graph = model.graph if graph is None else graph
-        # read-only tensors (possibly the source model's); folded values live in new_values until written out
+        # read-only tensors (possibly the source model's)
         self.initializers = {t.name: t for t in graph.initializer} if initializers is None else initializers
-        self.new_values: dict[str, np.ndarray] = {}
+        # folded values, already written as tensors of the graph being built: each weight's bytes
+        # are copied into the result once, and no array outlives the fold that computed it
+        self.written: dict[str, onnx.TensorProto] = {}
         self.inputs = {i.name for i in graph.input}
         self.producer: dict[str, onnx.NodeProto] = {}
         self.readers: dict[str, list[onnx.NodeProto]] = {}
@@ -144,7 +146,7 @@ class GraphIndex:
         return self if self.parent is None else self.parent.root
 
     def defines(self, name: str) -> bool:
-        return (name in self.new_values or name in self.initializers or name in self.producer or name in self.inputs)
+        return name in self.written or name in self.initializers or name in self.producer or name in self.inputs
 
     def owner(self, name: str) -> "GraphIndex | None":
         """The index of the innermost graph that defines ``name``, seen from this graph."""
@@ -160,8 +162,8 @@ class GraphIndex:
         return None if scope is None else scope._local_constant(name)
 
     def _local_constant(self, name: str) -> np.ndarray | None:
-        if name in self.new_values:
-            return self.new_values[name]
+        if name in self.written:
+            return tensor_array(self.written[name])
         if name in self.overridable:
             return None
         if name in self.initializers:
@@ -191,14 +193,13 @@ class GraphIndex:
 
     def is_initializer(self, name: str) -> bool:
         """Whether this graph itself holds ``name`` as an initializer (an enclosing graph's do not count)."""
-        return name in self.new_values or name in self.initializers
+        return name in self.written or name in self.initializers
 
     def elem_type(self, name: str) -> int | None:
         scope = self.owner(name) or self
-        if name in scope.new_values:
-            return helper.np_dtype_to_tensor_dtype(scope.new_values[name].dtype)
-        if name in scope.initializers:
-            return scope.initializers[name].data_type
+        tensor = scope.written[name] if name in scope.written else scope.initializers.get(name)
+        if tensor is not None:
+            return tensor.data_type
         if scope.elem_types.get(name):
             return scope.elem_types[name]
         if self.elem_types.get(name):
@@ -243,17 +244,13 @@ class GraphIndex:
 
 
 def _inferred_shapes(root: GraphIndex) -> dict[str, list[int | None]]:
-    # the graph being folded may hold no initializers yet: declare their types and shapes as inputs
-    probe = onnx.ModelProto()
-    probe.CopyFrom(root.model)
+    # the main graph's constants, source and folded, declared by type and shape only: no weight is copied
+    probe = copy_without_initializers(root.model)
     declared = {i.name for i in probe.graph.input}
-    for name, tensor in root.initializers.items():
+    for name, tensor in {**root.initializers, **root.written}.items():
         if name not in declared:
+            declared.add(name)
             probe.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
-    for name, value in root.new_values.items():
-        if name not in declared and name not in root.initializers:
-            probe.graph.input.append(helper.make_tensor_value_info(
-                name, helper.np_dtype_to_tensor_dtype(value.dtype), list(value.shape)))
     try:
         inferred = onnx.shape_inference.infer_shapes(probe, strict_mode=False)
     except Exception:  # inference gives up on some graphs: every shape is unknown, and patterns needing one keep the BN
@@ -333,6 +330,26 @@ def _evaluate_constant_node(index: GraphIndex, node: onnx.NodeProto) -> np.ndarr
     if op == "Transpose":  # the TorchScript exporter's bias-less Linear: MatMul(x, Transpose(W))
         return np.transpose(inputs[0], attribute(node, "perm", None))
     return None
+
+
+def copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Everything of ``model`` but its main graph's initializers (a subgraph keeps its own)."""
+    copied = onnx.ModelProto()
+    _copy_fields(model, copied, skip={"graph"})
+    _copy_fields(model.graph, copied.graph, skip={"initializer"})
+    return copied
+
+
+def _copy_fields(source, target, *, skip: set[str]) -> None:
+    for field, value in source.ListFields():
+        if field.name in skip:
+            continue
+        if field.is_repeated:
+            getattr(target, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(target, field.name).CopyFrom(value)
+        else:
+            setattr(target, field.name, value)
 
 
 def node_label(node: onnx.NodeProto) -> str:

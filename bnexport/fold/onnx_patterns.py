@@ -38,8 +38,8 @@ from onnx import helper
 from ..errors import BnexportError, first_line
 from .maths import (bn_scale_shift, fold_into_input_channels, fold_into_output_channels, fold_into_transposed_conv,
                     invalid_statistics)
-from .onnx_graph import (CONSTANT_OPS, ONNX_DOMAINS, GraphIndex, all_names, attribute, defined_names, graph_reads,
-                         implicit_inputs, node_label, opset_version, set_attribute, subgraphs)
+from .onnx_graph import (CONSTANT_OPS, ONNX_DOMAINS, GraphIndex, all_names, attribute, copy_without_initializers,
+                         defined_names, graph_reads, implicit_inputs, node_label, opset_version, set_attribute, subgraphs)
 from .report import FOLDED, KEPT, FoldRecord, FoldReport
 
 ABSORBED_PREFIX = "bnexport: absorbed BatchNormalization"
@@ -171,7 +171,7 @@ class Folder:
         # readers of only its shape or type (Shape, CastLike) do not count: a fold keeps both
         if name and index.is_initializer(name) and index.value_use_count(name) == 1 and \
                 _same_shape(index, name, array) and name not in index.caller_inputs:  # an input keeps its default
-            index.new_values[name] = array
+            self._write(self, name, array)
             return
         weight_name = node.input[1] if len(node.input) > 1 else ""
         if position == 2 and weight_name.endswith("weight") and not index.is_initializer(name):
@@ -181,8 +181,19 @@ class Folder:
         new_name = self.context.fresh_name(base)
         # IR < 4 lists every initializer as a graph input, which a subgraph cannot have: those live in the main graph
         holder = self.context.root if self.context.ir_version < 4 else self
-        holder.index.new_values[new_name] = array
+        self._write(holder, new_name, array)
         index.replace_input(node, position, new_name)
+
+    @staticmethod
+    def _write(holder: "Folder", name: str, array: np.ndarray) -> None:
+        """Write ``array`` as initializer ``name`` of ``holder``'s graph, now: its bytes are copied once, into the result."""
+        tensor = holder.index.written.get(name)
+        if tensor is None:
+            # a subgraph's own tensor is part of the copy and is rewritten in place; the main graph's belong to the source
+            own = None if holder.is_root else holder.index.initializers.get(name)
+            tensor = own if own is not None else holder.graph.initializer.add()
+            holder.index.written[name] = tensor
+        _overwrite(tensor, name, array)
 
     def remove_bn(self, bn: onnx.NodeProto, *, absorbed_by: onnx.NodeProto, after: bool) -> None:
         """Take the BN out of the graph; its output is now produced by ``absorbed_by`` (after) or
@@ -505,8 +516,8 @@ class Folder:
         return FoldRecord(label, KEPT, reason=kept.reason, reason_code=kept.code)
 
     def finish(self, source_initializers=()) -> None:
-        """Drop the folded BNs and what only they and their layers read, then write the initializers:
-        folded values as new tensors, the rest copied once, in the source's order.
+        """Drop the folded BNs and what only they and their layers read; copy the main graph's
+        initializers that no fold rewrote, once each, in the source's order, after the folded ones.
 
         Subgraphs must be finished before the graph that holds them, since what they read from
         outside decides what it keeps.
@@ -518,27 +529,18 @@ class Folder:
         # an initializer the caller may feed stays, so the model's inputs do not change
         keep = index.inputs if self.is_root and self.context.ir_version >= 4 else set()
         dropped = {name for name in self.used_before if name not in used and name not in keep}
+        dropped |= {name for name in index.written if name not in used and name not in keep}
+        _delete_where(graph.initializer, lambda tensor: tensor.name in dropped)
         if self.is_root:
             for tensor in source_initializers:
-                if tensor.name in dropped:
-                    continue
-                if tensor.name in index.new_values:
-                    _overwrite(graph.initializer.add(), tensor.name, index.new_values.pop(tensor.name))
-                else:
+                if tensor.name not in dropped and tensor.name not in index.written:
                     graph.initializer.add().CopyFrom(tensor)
-        else:
-            for tensor in graph.initializer:
-                if tensor.name in index.new_values and tensor.name not in dropped:
-                    _overwrite(tensor, tensor.name, index.new_values.pop(tensor.name))
-            _delete_where(graph.initializer, lambda tensor: tensor.name in dropped)
-        for name, array in index.new_values.items():
-            if name in used:
-                _overwrite(graph.initializer.add(), name, array)
-                if self.context.ir_version < 4:  # IR < 4: every initializer is also a graph input
-                    graph.input.append(helper.make_tensor_value_info(
-                        name, helper.np_dtype_to_tensor_dtype(array.dtype), list(array.shape)))
-        if self.context.ir_version < 4:
-            _delete_where(graph.input, lambda value: value.name in dropped and value.name in index.initializers)
+        if self.context.ir_version < 4:  # IR < 4: every initializer is also a graph input
+            _delete_where(graph.input, lambda value: value.name in dropped and self.index.is_initializer(value.name))
+            declared = {value.name for value in graph.input}
+            for name, tensor in index.written.items():
+                if name not in declared and name not in dropped:
+                    graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
         gone = self.known_before - defined_names(graph)
         _delete_where(graph.value_info, lambda value: value.name in gone)
 
@@ -574,7 +576,9 @@ def fold_graph(model: onnx.ModelProto, *, fold_overridable: bool = False) -> tup
     if not _has_batchnorm(model.graph):
         report.records = in_functions
         return _untouched_copy(model), report
-    folded = _copy_without_initializers(model)
+    # the copy's initializers are written by the fold (folded values) and by Folder.finish (the rest, once each):
+    # copying them all first would hold the replaced bytes of every folded weight until the model is freed
+    folded = copy_without_initializers(model)
     root = Folder(folded, initializers={t.name: t for t in model.graph.initializer}, fold_overridable=fold_overridable)
     folders = [root]
 
@@ -625,9 +629,8 @@ def _note(node: onnx.NodeProto, note: str) -> None:
 
 def _same_shape(index: GraphIndex, name: str, array: np.ndarray) -> bool:
     """Whether rewriting ``name`` in place keeps its shape (declared inputs and value_info stay true)."""
-    if name in index.new_values:
-        return index.new_values[name].shape == array.shape
-    return tuple(index.initializers[name].dims) == array.shape
+    tensor = index.written[name] if name in index.written else index.initializers[name]
+    return tuple(tensor.dims) == array.shape
 
 
 def _overwrite(tensor: onnx.TensorProto, name: str, array: np.ndarray) -> None:
@@ -656,27 +659,3 @@ def _untouched_copy(model: onnx.ModelProto) -> onnx.ModelProto:
     copied = onnx.ModelProto()
     copied.CopyFrom(model)
     return copied
-
-
-def _copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Everything of ``model`` but its initializers, which ``Folder.finish`` writes once each.
-
-    Copying them here and overwriting the folded ones later would hold two copies of every
-    folded weight: protobuf keeps replaced bytes until the whole message is freed.
-    """
-    copied = onnx.ModelProto()
-    _copy_fields(model, copied, skip={"graph"})
-    _copy_fields(model.graph, copied.graph, skip={"initializer"})
-    return copied
-
-
-def _copy_fields(source, target, *, skip: set[str]) -> None:
-    for field, value in source.ListFields():
-        if field.name in skip:
-            continue
-        if field.is_repeated:
-            getattr(target, field.name).extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)

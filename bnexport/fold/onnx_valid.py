@@ -16,6 +16,7 @@ import onnx
 from onnx import helper
 
 from ..errors import BnexportError, first_line
+from .onnx_graph import copy_without_initializers
 from .report import FoldReport
 
 # initializers with more elements than this are declared by dtype and shape only
@@ -53,9 +54,7 @@ def ensure_valid(original: onnx.ModelProto, folded: onnx.ModelProto, report: Fol
 
 def structure_of(model: onnx.ModelProto) -> onnx.ModelProto:
     """``model`` with each large main-graph initializer declared as a typed input instead of holding its bytes."""
-    skeleton = onnx.ModelProto()
-    _copy_fields(model, skeleton, skip={"graph"})
-    _copy_fields(model.graph, skeleton.graph, skip={"initializer"})
+    skeleton = copy_without_initializers(model)
     declared = {i.name for i in skeleton.graph.input}
     for tensor in model.graph.initializer:
         if int(np.prod(tensor.dims, dtype=np.int64)) <= SKELETON_MAX_ELEMENTS:
@@ -87,14 +86,3 @@ def ort_load_problem(model: onnx.ModelProto) -> str | None:
         return first_line(err)
     return None
 
-
-def _copy_fields(source, target, *, skip: set[str]) -> None:
-    for field, value in source.ListFields():
-        if field.name in skip:
-            continue
-        if field.is_repeated:
-            getattr(target, field.name).extend(value)
-        elif field.type == field.TYPE_MESSAGE:
-            getattr(target, field.name).CopyFrom(value)
-        else:
-            setattr(target, field.name, value)
