@@ -38,7 +38,8 @@ def light_model(name: str) -> onnx.ModelProto:
 
 def with_random_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProto:
     """Each ConstantOfShape of a constant shape becomes a seeded random initializer of that shape:
-    BN scales and variances in [0.5, 1.5), weights scaled by 1/√fan-in, everything else small."""
+    BN scales and variances in [0.5, 1.5), weights scaled by 1/√fan-in, everything else small.
+    The final Softmax's input (the logits) becomes a graph output too."""
     rng = np.random.default_rng(seed)
     graph = model.graph
     initializers = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
@@ -67,6 +68,10 @@ def with_random_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProt
         randomized.graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
     del randomized.graph.node[:]
     randomized.graph.node.extend(kept_nodes)
+    # a saturated softmax hides differences: compare the logits as well
+    for node in kept_nodes:
+        if node.op_type == "Softmax" and node.output[0] in {o.name for o in graph.output}:
+            randomized.graph.output.append(helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
     return randomized
 
 
