@@ -69,9 +69,10 @@ def with_random_weights(model: onnx.ModelProto, seed: int = 0) -> onnx.ModelProt
     del randomized.graph.node[:]
     randomized.graph.node.extend(kept_nodes)
     # a saturated softmax hides differences: compare the logits as well
+    inferred = {v.name: v for v in onnx.shape_inference.infer_shapes(randomized).graph.value_info}
     for node in kept_nodes:
-        if node.op_type == "Softmax" and node.output[0] in {o.name for o in graph.output}:
-            randomized.graph.output.append(helper.make_tensor_value_info(node.input[0], onnx.TensorProto.FLOAT, None))
+        if node.op_type == "Softmax" and node.output[0] in {o.name for o in graph.output} and node.input[0] in inferred:
+            randomized.graph.output.append(inferred[node.input[0]])
     return randomized
 
 
