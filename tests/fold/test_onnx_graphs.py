@@ -494,3 +494,23 @@ def test_folded_branch_weights_live_where_the_ir_version_allows(ir):
         feeds = seeded_feeds(original, seed=14)
         feeds["cond"] = np.array(cond)
         assert_same(original, folded, feeds)
+
+
+# through the real command ------------------------------------------------------------------
+
+@pytest.mark.parametrize("build", [nested_if_model, lambda: _subgraph_reading_outer_constants(with_bn=False)],
+                         ids=["bn-in-branches", "bn-free"])
+def test_fold_command_writes_a_model_that_loads(build, tmp_path):
+    from conftest import run_bnexport
+
+    original = build()
+    source, output = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(original, str(source))
+    result = run_bnexport("fold", source, "-o", output, "--no-check", "--report", tmp_path / "fold.json")
+    assert result.returncode == 0, result.stderr
+    written = onnx.load(str(output))
+    assert bn_count(written.graph) == 0
+    for cond in (True, False):
+        feeds = seeded_feeds(original, seed=15)
+        feeds["cond"] = np.array(cond)
+        assert_same(original, written, feeds)
