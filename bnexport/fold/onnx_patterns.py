@@ -44,7 +44,7 @@ from .report import FOLDED, KEPT, FoldRecord, FoldReport
 
 ABSORBED_PREFIX = "bnexport: absorbed BatchNormalization"
 
-# the dtypes a fold writes exactly: one rounding from the float64 result
+# the dtypes a fold writes: computed in float64 and rounded once (float32 weights: within one ulp of that)
 FOLDABLE_DTYPES = {"float16", "bfloat16", "float32", "float64"}
 
 
