@@ -535,7 +535,7 @@ class Folder:
             for tensor in source_initializers:
                 if tensor.name not in dropped and tensor.name not in index.written:
                     graph.initializer.add().CopyFrom(tensor)
-        if self.context.ir_version < 4:  # IR < 4: every initializer is also a graph input
+        if self.is_root and self.context.ir_version < 4:  # IR < 4: every initializer is also a graph input
             _delete_where(graph.input, lambda value: value.name in dropped and self.index.is_initializer(value.name))
             declared = {value.name for value in graph.input}
             for name, tensor in index.written.items():
