@@ -15,7 +15,8 @@ import onnx
 from ..config import DEFAULT_SEED, Tolerance, tolerance_for
 from ..errors import BnexportError, first_line
 from .checks import raise_check_failed
-from .onnx_fold import fold_graph
+from .onnx_patterns import fold_graph
+from .onnx_valid import ensure_valid
 from .report import FoldReport
 
 
@@ -62,6 +63,7 @@ def fold_onnx(
     seed: int = DEFAULT_SEED,
     tolerance: Tolerance | None = None,
     stored_at: str | Path | None = None,
+    fold_overridable: bool = False,
 ) -> tuple[onnx.ModelProto, FoldReport]:
     """Fold every BatchNormalization of an ONNX model that folds exactly.
 
@@ -73,12 +75,16 @@ def fold_onnx(
     None follows the model's dtype (``bnexport.config.tolerance_for``). ``report.parity`` holds
     the result, with the shape and dtype of every input fed. ``stored_at`` names the file a
     ModelProto was read from, so that ONNX Runtime reads the reference from disk rather than
-    from a re-serialised copy (a model given as a path is its own).
+    from a re-serialised copy (a model given as a path is its own). Whether checked or not,
+    the result passes ``onnx.checker`` and loads in ONNX Runtime (``onnx_valid``), or a
+    ``BnexportError`` says why not. ``fold_overridable`` folds BNs whose parameters are
+    initializers that are also graph inputs (IR >= 4), which are otherwise kept.
     """
     original = load_onnx(model)
     shapes = input_shapes if input_shapes is not None else input_shape
     try:
-        folded, report = fold_graph(original)
+        folded, report = fold_graph(original, fold_overridable=fold_overridable)
+        ensure_valid(original, folded, report)  # with or without the check: never hand back a model that cannot load
     except BnexportError as err:
         if isinstance(model, (str, Path)):
             raise BnexportError(f"{model}: {err}") from None

@@ -45,6 +45,7 @@ class FoldReport:
     records: list[FoldRecord] = field(default_factory=list)
     parity: dict | None = None  # a ParityReport's JSON when the fold was checked
     divergence: dict | None = None  # the drill-down's first diverging layer when the check failed
+    notes: list[str] = field(default_factory=list)  # what a reader should know that no record says (one line each)
 
     @property
     def folded(self) -> list[FoldRecord]:
@@ -63,6 +64,7 @@ class FoldReport:
             "records": [asdict(r) for r in self.records],
             "parity": self.parity,
             "divergence": self.divergence,
+            "notes": self.notes,
         }
 
     def table(self) -> str:
@@ -70,7 +72,8 @@ class FoldReport:
         rows += [(r.batchnorm, r.status, _decision(r)) for r in self.records]
         if not self.records:
             return "no BatchNorm in the model: nothing to fold"
-        return format_table(rows) + f"\n{len(self.folded)} of {len(self.records)} BatchNorm folded"
+        notes = "".join(f"\nnote: {note}" for note in self.notes)
+        return format_table(rows) + f"\n{len(self.folded)} of {len(self.records)} BatchNorm folded" + notes
 
 
 def _decision(record: FoldRecord) -> str:

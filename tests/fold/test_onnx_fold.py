@@ -6,7 +6,7 @@ from onnx import helper, numpy_helper
 
 from bnexport.errors import BnexportError, CheckFailed
 from bnexport.export import onnx_bytes, op_counts, save_onnx
-from bnexport.fold import fold_onnx, load_onnx, model_input_shape, onnx_fold
+from bnexport.fold import fold_onnx, load_onnx, model_input_shape, onnx_patterns
 from bnexport.fold.onnx_fold import ABSORBED_PREFIX
 from bnexport.parity import onnxruntime_runner, seeded_input
 from fold.models import (EVERYTHING_INPUT, EXPORTERS, Everything, bn_initializers, bn_node, count_bn_nodes, onnx_model,
@@ -240,13 +240,13 @@ def test_fold_accepts_a_path_and_reports_bad_files(tiny_run, tmp_path):
 
 
 def test_a_wrong_fold_is_caught_and_the_node_named(monkeypatch):
-    real = onnx_fold.fold_into_transposed_conv
+    real = onnx_patterns.fold_into_transposed_conv
 
     def broken(weight, bias, scale, shift, *, groups=1):
         folded_weight, folded_bias = real(weight, bias, scale, shift, groups=groups)
         return folded_weight * 1.01, folded_bias
 
-    monkeypatch.setattr(onnx_fold, "fold_into_transposed_conv", broken)
+    monkeypatch.setattr(onnx_patterns, "fold_into_transposed_conv", broken)
     original = EXPORTERS["torchscript"](randomize_bn(Everything()), torch.zeros(EVERYTHING_INPUT))
     with pytest.raises(CheckFailed, match="first diverging layer: /up/ConvTranspose") as caught:
         fold_onnx(original)
