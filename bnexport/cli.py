@@ -311,6 +311,9 @@ def add_fold_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--report", type=Path, default=None, metavar="JSON", help="also write the per-BatchNorm decisions as JSON")
     parser.add_argument("--in-place", action="store_true", help="overwrite the input ONNX file with the folded model")
     parser.add_argument("--no-check", action="store_true", help="skip the parity check of the folded model")
+    parser.add_argument("--fold-overridable", action="store_true",
+                        help="ONNX: also fold BNs whose parameters are graph inputs with defaults (IR >= 4), "
+                             "treating those defaults as constants; by default they are kept, since a caller may override them")
 
 
 def add_json_argument(parser: argparse.ArgumentParser) -> None:
@@ -430,7 +433,7 @@ def _fold_onnx_source(args: argparse.Namespace, source, given):
         tolerance = tolerance_from_args(args, model_float_dtype(source.onnx_model))
     try:
         return fold_onnx(source.onnx_model, check=not args.no_check, input_shapes=given, seed=args.seed,
-                         tolerance=tolerance, stored_at=args.model)
+                         tolerance=tolerance, stored_at=args.model, fold_overridable=args.fold_overridable)
     except NoKernel as err:
         raise BnexportError(f"{_about(args.model, err)}, or fold it with --no-check") from None
     except BnexportError as err:

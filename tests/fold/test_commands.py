@@ -349,3 +349,16 @@ def test_parity_of_a_model_and_its_float16_copy(tmp_path):
     assert data["inputs"][0] == {"name": "x", "dtype": "float32", "shape": [1, 4, 32, 32], "guessed_dims": []}
     # at float32's tolerance the same pair is told apart
     assert run_bnexport("parity", single, half, "--input-shape", "1,4,32,32", "--rtol", "1e-5", "--atol", "0").returncode == 1
+
+
+def test_fold_overridable_flag_folds_bn_parameters_given_as_graph_inputs(tmp_path):
+    from fold.test_onnx_graphs import conv_bn_model
+
+    source, kept, folded = tmp_path / "in.onnx", tmp_path / "kept.onnx", tmp_path / "folded.onnx"
+    _save(conv_bn_model(bn_inputs_as_graph_inputs=True), source)
+    assert run_bnexport("fold", source, "-o", kept).returncode == 0
+    assert op_counts(onnx.load(str(kept))).get("BatchNormalization") == 1
+    result = run_bnexport("fold", source, "-o", folded, "--fold-overridable")
+    assert result.returncode == 0, result.stderr
+    assert op_counts(onnx.load(str(folded))).get("BatchNormalization", 0) == 0
+    assert [i.name for i in onnx.load(str(folded)).graph.input] == [i.name for i in onnx.load(str(source)).graph.input]
