@@ -373,7 +373,6 @@ def cmd_fold(args: argparse.Namespace) -> int:
     from .artifacts import write_json
     from .errors import CheckFailed
     from .export import save_onnx
-    from .fold import uses_external_data
     from .parity import inputs_text
     from .sources import load_source, single_shape
 
@@ -401,7 +400,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
         return EXIT_CHECK_FAILED
 
     if source.kind == "onnx":
-        save_onnx(folded, output, external_data=uses_external_data(args.model))
+        save_onnx(folded, output, external_data=source.external_data)
     else:
         _save_folded_module(folded, output, shape)
     if args.report:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import INPUT_NAME, MACHINE_EPSILON
 from .errors import BnexportError
-from .fold import load_onnx, model_input_shape
+from .fold.onnx_file import model_input_shape, read_onnx
 from .inputs import Feed, input_feeds, model_float_dtype
 
 
@@ -25,6 +25,7 @@ class Source:
     onnx_model: object | None = None  # an onnx.ModelProto, for an ONNX file
     module: object | None = None  # a torch.nn.Module in eval mode, for a checkpoint
     input_shape: tuple[int, ...] | None = None  # batch 1 for a checkpoint; for ONNX, the one input's when asked for
+    external_data: bool = False  # the ONNX file keeps tensors in external data files
 
     @property
     def kind(self) -> str:
@@ -54,7 +55,7 @@ def load_source(path: str | Path, *, needs_input_shape: bool = True, input_shape
 
         module, spec = model_from_checkpoint(load_checkpoint(path), path=path)
         return Source(path, module=module, input_shape=(1, *spec.input_shape))
-    model = load_onnx(path)
+    model, external_data = read_onnx(path)
     shape = None
     if needs_input_shape:
         try:
@@ -62,7 +63,7 @@ def load_source(path: str | Path, *, needs_input_shape: bool = True, input_shape
         except BnexportError as err:
             flag = "--input-shape: " if input_shape is not None else ""
             raise BnexportError(f"{path}: {flag}{err}") from None
-    return Source(path, onnx_model=model, input_shape=shape)
+    return Source(path, onnx_model=model, input_shape=shape, external_data=external_data)
 
 
 def coarsest_dtype(*sources: Source) -> str:

@@ -24,7 +24,12 @@ def load_onnx(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
     """The model itself, or the file read with its external data; a one-line ``BnexportError`` otherwise."""
     if isinstance(model, onnx.ModelProto):
         return model
-    path = Path(model)
+    return read_onnx(model)[0]
+
+
+def read_onnx(path: str | Path) -> tuple[onnx.ModelProto, bool]:
+    """(the model, whether the file keeps tensors in external data files), read once."""
+    path = Path(path)
     if not path.is_file():
         raise BnexportError(f"{path}: file not found")
     try:
@@ -33,7 +38,8 @@ def load_onnx(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
         raise BnexportError(f"{path}: not a readable ONNX model ({first_line(err)})") from None
     if not loaded.graph.node and not loaded.graph.output:  # protobuf parses many non-ONNX files as an empty message
         raise BnexportError(f"{path}: not an ONNX model (no graph)")
-    if uses_external_data(loaded):
+    external = uses_external_data(loaded)
+    if external:
         from onnx.external_data_helper import load_external_data_for_model
 
         try:
@@ -41,10 +47,12 @@ def load_onnx(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
         except Exception as err:  # OSError, or onnx's ValidationError for a path that is not a file
             raise BnexportError(f"{path}: external data missing or unreadable ({first_line(err)})") from None
     try:
-        onnx.checker.check_model(loaded)  # a truncated file can still parse; the checker catches what is missing
+        # a truncated file can still parse; the checker catches what is missing. Given the path, it
+        # reads the file itself (external data included) instead of re-serialising the whole model.
+        onnx.checker.check_model(str(path))
     except Exception as err:
         raise BnexportError(f"{path}: not a valid ONNX model ({first_line(err)})") from None
-    return loaded
+    return loaded, external
 
 
 def uses_external_data(model: onnx.ModelProto | str | Path) -> bool:
