@@ -118,7 +118,7 @@ def _batchnorms(model: onnx.ModelProto) -> list[BatchNormInfo]:
         label = node_label(node)
         producer = index.producer.get(node.input[0])
         readers = index.readers.get(node.output[0], [])
-        foldable, detail = decisions.get(label, (False, problem))
+        foldable, detail = decisions.pop(label, (False, problem))
         result.append(BatchNormInfo(
             name=label,
             input_from=f"{producer.op_type} {node_label(producer)}" if producer else "graph input",
@@ -126,4 +126,8 @@ def _batchnorms(model: onnx.ModelProto) -> list[BatchNormInfo]:
             foldable=foldable,
             detail=detail or "",
         ))
+    # BNs in If/Loop/Scan bodies and model-local functions: the fold reports them, the main graph does not hold them
+    for label, (foldable, detail) in decisions.items():
+        result.append(BatchNormInfo(name=label, input_from="(subgraph or function)", output_to=[],
+                                    foldable=foldable, detail=detail or ""))
     return result

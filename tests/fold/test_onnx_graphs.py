@@ -514,3 +514,11 @@ def test_fold_command_writes_a_model_that_loads(build, tmp_path):
         feeds = seeded_feeds(original, seed=15)
         feeds["cond"] = np.array(cond)
         assert_same(original, written, feeds)
+
+
+def test_inspect_lists_batchnorms_in_subgraphs():
+    from bnexport.onnx_info import describe_onnx
+
+    info = describe_onnx(nested_if_model())
+    assert sorted((b.name, b.foldable) for b in info.batchnorms) == [("bn_inner", True), ("bn_then", True)]
+    assert info.op_counts == {"If": 1}  # the main graph's own ops
