@@ -769,21 +769,26 @@ def markdown_table(rows: list[dict], tools: list[str], kind: str) -> str:
 
 
 def summary(rows: list[dict], tools: list[str], kind: str) -> str:
+    """Per tool: on the models with BN, in how many it folded all, some or none (with a right output), and the rest."""
     lines = []
     for tool in tools:
-        cells = [r["tools"].get(tool) for r in rows if r["kind"] == kind and r["tools"].get(tool)]
+        cells = [r["tools"][tool] for r in rows if r["kind"] == kind and r["tools"].get(tool)]
+        cells = [c for c in cells if c.get("total") != 0]
         if not cells:
             continue
-        all_folded = sum(c["status"] == "ok" and c["remaining"] == 0 for c in cells)
-        some = sum(c["status"] == "ok" and 0 < c["remaining"] < c["total"] for c in cells)
-        none = sum(c["status"] == "ok" and c["remaining"] == c["total"] and c["total"] > 0 for c in cells)
+        ok = [c for c in cells if c["status"] == "ok"]
+        every = sum(c["remaining"] == 0 for c in ok)
+        some = sum(0 < c["remaining"] < c["total"] for c in ok)
+        none = sum(c["remaining"] == c["total"] for c in ok)
         wrong = sum(c["status"] == "wrong" for c in cells)
         fails = sum(c["status"] == "fails" for c in cells)
-        folded = sum(c["total"] - c["remaining"] for c in cells if c["status"] == "ok")
-        total = sum(c["total"] for c in cells if "total" in c and isinstance(c["total"], int))
-        lines.append(f"- {tool}: {len(cells)} models; every BN folded and right in {all_folded}, some in {some}, "
-                     f"none in {none}; wrong output in {wrong}; fails in {fails}; {folded} of {total} BN folded "
-                     f"with a right output")
+        folded = sum(c["total"] - c["remaining"] for c in ok)
+        invalid = sum(bool(c.get("checker")) for c in ok)
+        total = sum(c["total"] for c in cells if isinstance(c.get("total"), int))
+        lines.append(f"- {tool}: of {len(cells)} models with BN, right output with every BN folded in {every}, "
+                     f"some in {some}, none in {none} ({invalid} of these fail onnx.checker); wrong output in {wrong}; "
+                     f"fails in {fails}. "
+                     f"{folded} of {total} BN folded with a right output.")
     return "\n".join(lines)
 
 
@@ -836,6 +841,8 @@ def main(argv=None) -> int:
     parser.add_argument("--timeout", type=int, default=CASE_TIMEOUT_S, help="seconds per model (default: %(default)s)")
     parser.add_argument("--log", type=Path, default=None, help="worker output goes here (default: discarded)")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument("--from-json", type=Path, default=None, metavar="JSON",
+                        help="print the tables of an earlier run's --json, without running anything")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--todo", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=None, help=argparse.SUPPRESS)
@@ -845,6 +852,10 @@ def main(argv=None) -> int:
         worker(args.worker, [tuple(p) for p in json.loads(args.todo)], args.out, args)
         return 0
 
+    if args.from_json:
+        data = json.loads(args.from_json.read_text())
+        print(report(data["rows"], data["tools"], data["notes"], data.get("seconds"), data.get("load_average")))
+        return 0
     cases, notes = select_cases(args)
     if args.list:
         print("\n".join(cases))
@@ -875,8 +886,21 @@ def main(argv=None) -> int:
             log.write(f"==== {case}\n")
             log.flush()
         rows += collect(run_case(case, tools, args, log), case).values()
+        if args.json:  # rows so far, so that an interrupted run still leaves its findings
+            write_json(args.json, rows, tools, notes, partial=True)
     elapsed = time.perf_counter() - started
 
+    text = report(rows, tools, notes, elapsed, os.getloadavg())
+    print(text)
+    if args.markdown:
+        args.markdown.write_text(text + "\n")
+    if args.json:
+        write_json(args.json, rows, tools, notes, partial=False, seconds=elapsed)
+    return 0
+
+
+def report(rows: list[dict], tools: dict, notes: list[str], seconds: float | None, load) -> str:
+    """The Markdown tables and summaries of a run."""
     text = []
     if any(r["kind"] == "torch" for r in rows):
         text += ["Torch modules (eager is the reference; BN = BatchNorm sites executed):", "",
@@ -885,14 +909,16 @@ def main(argv=None) -> int:
         text += ["ONNX models (ONNX Runtime, optimisations off, on the original is the reference):", "",
                  markdown_table(rows, tools["onnx"], "onnx"), "", summary(rows, tools["onnx"], "onnx"), ""]
     text += [f"note: {n}" for n in notes]
-    text.append(f"{len(cases)} models in {elapsed:.0f} s; load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
-    print("\n".join(text))
-    if args.markdown:
-        args.markdown.write_text("\n".join(text) + "\n")
-    if args.json:
-        args.json.write_text(json.dumps({"versions": versions(), "notes": notes, "tools": tools, "rows": rows},
-                                        indent=1, default=str) + "\n")
-    return 0
+    if seconds is not None:
+        text.append(f"{len(rows)} rows in {seconds:.0f} s; load average at the end "
+                    f"{' '.join(f'{v:.1f}' for v in load)}")
+    return "\n".join(text)
+
+
+def write_json(path: Path, rows: list[dict], tools: dict, notes: list[str], *, partial: bool, seconds: float | None = None):
+    data = {"versions": versions(), "notes": notes, "tools": tools, "partial": partial, "seconds": seconds,
+            "load_average": os.getloadavg(), "rows": rows}
+    path.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
 if __name__ == "__main__":
