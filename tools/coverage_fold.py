@@ -785,10 +785,12 @@ def summary(rows: list[dict], tools: list[str], kind: str) -> str:
         folded = sum(c["total"] - c["remaining"] for c in ok)
         invalid = sum(bool(c.get("checker")) for c in ok)
         total = sum(c["total"] for c in cells if isinstance(c.get("total"), int))
-        lines.append(f"- {tool}: of {len(cells)} models with BN, right output with every BN folded in {every}, "
-                     f"some in {some}, none in {none} ({invalid} of these fail onnx.checker); wrong output in {wrong}; "
-                     f"fails in {fails}. "
-                     f"{folded} of {total} BN folded with a right output.")
+        timed = [c["seconds"] for c in cells if "seconds" in c]
+        lines.append(f"- {tool}: of {len(cells)} models with BN, right output in {len(ok)} (every BN folded in {every}, "
+                     f"some in {some}, none in {none}; {invalid} of the {len(ok)} fail onnx.checker), wrong output in "
+                     f"{wrong}, fails in {fails}. "
+                     f"{folded} of {total} BN folded with a right output; {sum(timed):.1f} s in the tool "
+                     f"over the {len(timed)} models where it returned.")
     return "\n".join(lines)
 
 
