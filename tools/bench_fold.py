@@ -1,7 +1,7 @@
 """Benchmark: how fast bnexport folds BatchNorm, how much memory it takes, and which BNs each tool folds.
 
-    python tools/bench_fold.py [--repeats 5] [--json out.json] [--skip-coverage] [--skip-scaling]
-                               [--skip-memory] [--skip-processes]
+    python tools/bench_fold.py [--repeats 5] [--threads N] [--json out.json] [--skip-coverage]
+                               [--skip-scaling] [--skip-memory] [--skip-processes]
 
 1. Speed, on resnet50 (weights=None, randomized BN statistics): our ONNX fold against
    onnxsim's ``simplify``, onnxslim's ``slim`` and onnxoptimizer's ``fuse_bn_into_conv``, and
@@ -306,7 +306,8 @@ def speed(repeats: int, *, memory: bool = True) -> dict:
             for name in rows:
                 if name in errors:
                     continue
-                probe = subprocess.run([sys.executable, __file__, "--memory-probe", name, str(path)],
+                probe = subprocess.run([sys.executable, __file__, "--memory-probe", name, str(path),
+                                        "--threads", str(torch.get_num_threads())],
                                        capture_output=True, text=True)
                 peak[name] = int(probe.stdout.split()[-1]) / weight_bytes if probe.returncode == 0 else math.nan
     return {"model": "resnet50", "batchnorm": count_bn(module), "weight_mib": weight_bytes / 2**20,
@@ -553,8 +554,13 @@ def main() -> int:
     parser.add_argument("--skip-scaling", action="store_true")
     parser.add_argument("--skip-memory", action="store_true", help="no peak-memory probes (a fresh process per tool)")
     parser.add_argument("--skip-processes", action="store_true", help="no whole-process timings of the command line")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch (and OpenMP) threads (default: torch's own). On a loaded machine use 1: "
+                             "with more, thread contention, not the fold, sets the module folds' times")
     parser.add_argument("--memory-probe", nargs=2, metavar=("TOOL", "ONNX"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_probe:
         print(memory_probe(*args.memory_probe))
         return 0
