@@ -786,9 +786,9 @@ def summary(rows: list[dict], tools: list[str], kind: str) -> str:
         invalid = sum(bool(c.get("checker")) for c in ok)
         total = sum(c["total"] for c in cells if isinstance(c.get("total"), int))
         timed = [c["seconds"] for c in cells if "seconds" in c]
+        checked = f"; {invalid} of the {len(ok)} fail onnx.checker" if kind == "onnx" else ""
         lines.append(f"- {tool}: of {len(cells)} models with BN, right output in {len(ok)} (every BN folded in {every}, "
-                     f"some in {some}, none in {none}; {invalid} of the {len(ok)} fail onnx.checker), wrong output in "
-                     f"{wrong}, fails in {fails}. "
+                     f"some in {some}, none in {none}{checked}), wrong output in {wrong}, fails in {fails}. "
                      f"{folded} of {total} BN folded with a right output; {sum(timed):.1f} s in the tool "
                      f"over the {len(timed)} models where it returned.")
     return "\n".join(lines)
