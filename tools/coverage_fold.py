@@ -794,6 +794,26 @@ def summary(rows: list[dict], tools: list[str], kind: str) -> str:
     return "\n".join(lines)
 
 
+def module_gaps(rows: list[dict]) -> list[str] | None:
+    """Models whose module fold removes fewer BN than bnexport's ONNX fold of either export (None: nothing to compare)."""
+    by_name = {r["model"]: r for r in rows}
+    gaps, compared = [], 0
+    for row in rows:
+        if row["kind"] != "torch" or not row["info"].get("bn"):
+            continue
+        module = row["tools"].get("bnexport", {})
+        exports = [by_name.get(f"{row['model']} · {e}", {}).get("tools", {}).get("bnexport", {}) for e in EXPORTERS]
+        exports = [c for c in exports if c.get("status") == "ok"]
+        if not exports:
+            continue
+        compared += 1
+        module_folded = module["total"] - module["remaining"] if module.get("status") == "ok" else 0
+        onnx_folded = max(c["total"] - c["remaining"] for c in exports)
+        if module_folded < onnx_folded:
+            gaps.append(f"{row['model'][len('timm/'):]} ({module_folded} < {onnx_folded})")
+    return gaps if compared else None
+
+
 def select_cases(args) -> tuple[list[str], list[str]]:
     notes = []
     cases = QUICK if args.quick else all_cases()
@@ -907,6 +927,10 @@ def report(rows: list[dict], tools: dict, notes: list[str], seconds: float | Non
     if any(r["kind"] == "torch" for r in rows):
         text += ["Torch modules (eager is the reference; BN = BatchNorm sites executed):", "",
                  markdown_table(rows, tools["torch"], "torch"), "", summary(rows, tools["torch"], "torch"), ""]
+    gaps = module_gaps(rows)
+    if gaps is not None:
+        text += [f"bnexport's module fold removes fewer BN than its ONNX fold of the same model's exports in "
+                 f"{len(gaps)} models" + (f": {', '.join(gaps)}" if gaps else ""), ""]
     if any(r["kind"] == "onnx" for r in rows):
         text += ["ONNX models (ONNX Runtime, optimisations off, on the original is the reference):", "",
                  markdown_table(rows, tools["onnx"], "onnx"), "", summary(rows, tools["onnx"], "onnx"), ""]
