@@ -769,28 +769,27 @@ def markdown_table(rows: list[dict], tools: list[str], kind: str) -> str:
 
 
 def summary(rows: list[dict], tools: list[str], kind: str) -> str:
-    """Per tool: on the models with BN, in how many it folded all, some or none (with a right output), and the rest."""
-    lines = []
+    """Per tool, over the models with BN: right outputs with every, some or no BN folded, wrong ones, failures."""
+    header = ["tool", "models with BN", "right, every BN folded", "right, some", "right, none", "wrong output", "fails",
+              "BN folded (right outputs)", "seconds in the tool"]
+    if kind == "onnx":
+        header.insert(5, "of the right, fail onnx.checker")
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     for tool in tools:
         cells = [r["tools"][tool] for r in rows if r["kind"] == kind and r["tools"].get(tool)]
         cells = [c for c in cells if c.get("total") != 0]
         if not cells:
             continue
         ok = [c for c in cells if c["status"] == "ok"]
-        every = sum(c["remaining"] == 0 for c in ok)
-        some = sum(0 < c["remaining"] < c["total"] for c in ok)
-        none = sum(c["remaining"] == c["total"] for c in ok)
-        wrong = sum(c["status"] == "wrong" for c in cells)
-        fails = sum(c["status"] == "fails" for c in cells)
-        folded = sum(c["total"] - c["remaining"] for c in ok)
-        invalid = sum(bool(c.get("checker")) for c in ok)
         total = sum(c["total"] for c in cells if isinstance(c.get("total"), int))
         timed = [c["seconds"] for c in cells if "seconds" in c]
-        checked = f"; {invalid} of the {len(ok)} fail onnx.checker" if kind == "onnx" else ""
-        lines.append(f"- {tool}: of {len(cells)} models with BN, right output in {len(ok)} (every BN folded in {every}, "
-                     f"some in {some}, none in {none}{checked}), wrong output in {wrong}, fails in {fails}. "
-                     f"{folded} of {total} BN folded with a right output; {sum(timed):.1f} s in the tool "
-                     f"over the {len(timed)} models where it returned.")
+        values = [tool, len(cells), sum(c["remaining"] == 0 for c in ok), sum(0 < c["remaining"] < c["total"] for c in ok),
+                  sum(c["remaining"] == c["total"] for c in ok), sum(c["status"] == "wrong" for c in cells),
+                  sum(c["status"] == "fails" for c in cells),
+                  f"{sum(c['total'] - c['remaining'] for c in ok)} of {total}", f"{sum(timed):.1f} ({len(timed)} models)"]
+        if kind == "onnx":
+            values.insert(5, sum(bool(c.get("checker")) for c in ok))
+        lines.append("| " + " | ".join(map(str, values)) + " |")
     return "\n".join(lines)
 
 
