@@ -1,17 +1,26 @@
 """Benchmark: how fast bnexport folds BatchNorm, how much memory it takes, and which BNs each tool folds.
 
-    python tools/bench_fold.py [--repeats 5] [--json out.json] [--skip-coverage]
+    python tools/bench_fold.py [--repeats 5] [--threads N] [--json out.json] [--skip-coverage]
+                               [--skip-scaling] [--skip-memory] [--skip-processes]
 
 1. Speed, on resnet50 (weights=None, randomized BN statistics): our ONNX fold against
-   onnxoptimizer's ``fuse_bn_into_conv`` and onnxsim's ``simplify``, and our module fold
-   against ``torch.fx.experimental.optimization.fuse``; the parity check is excluded.
-   Each figure is the median of ``--repeats`` runs after one warm-up.
-2. Scaling: chains of n Conv→BN pairs; the time per BN should stay flat as n grows.
-3. Peak memory: the process's extra resident memory during each fold, sampled every
+   onnxsim's ``simplify``, onnxslim's ``slim`` and onnxoptimizer's ``fuse_bn_into_conv``, and
+   our module fold against ``torch.fx.experimental.optimization.fuse``; the parity check is
+   excluded. Each figure is the median of ``--repeats`` runs after one warm-up, all in this
+   process, and each baseline is printed as a ratio to bnexport's time.
+2. Whole processes on resnet50's ONNX file: ``python -m bnexport inspect`` against a bare
+   ``import onnx, onnxruntime`` plus ``onnx.load``, and ``python -m bnexport fold --no-check``
+   against the same plus ``onnx.save``; runs alternate, median of ``--repeats`` after a
+   warm-up of each. ``-X importtime`` tells whether the bnexport process imported torch.
+3. Scaling: chains of n Conv→BN pairs; the time per BN should stay flat as n grows.
+4. Peak memory: the process's extra resident memory during each fold, sampled every
    millisecond, in units of the model's weight bytes.
-4. Coverage: on zoo models from both ONNX exporters and on small models with one pattern
+5. Coverage: on zoo models from both ONNX exporters and on small models with one pattern
    each, how many BatchNorms each tool folds, and the error of its output relative to the
-   output's scale (ONNX Runtime with graph optimisations off is the reference).
+   output's scale (ONNX Runtime with graph optimisations off is the reference). Real-world
+   models (timm, the onnx wheel's zoo, fp16, PaddleOCR) are in ``tools/coverage_fold.py``.
+
+A tool that is missing or fails is a row saying so; the run goes on.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ import copy
 import gc
 import io
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -39,11 +49,30 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bnexport.export import onnx_bytes  # noqa: E402
-from bnexport.fold import fold_module, fold_onnx  # noqa: E402
-from bnexport.tables import format_table  # noqa: E402
-
 INPUT = (1, 3, 64, 64)
+TARGETS = {  # the speed each ratio must reach: (baseline, bnexport, "≥" or "≤", bound)
+    "onnxsim ÷ bnexport ONNX fold": ("ONNX: onnxsim", "ONNX: bnexport", "≥", 8.0),
+    "fx.fuse ÷ bnexport module fold": ("module: fx.fuse", "module: bnexport", "≥", 2.0),
+}
+PROCESS_TARGETS = {"inspect": 1.5, "fold": 2.0}  # bnexport's process time ÷ the bare one, at most
+
+
+def onnx_bytes(model: onnx.ModelProto) -> bytes:
+    return model.SerializeToString()
+
+
+def format_table(rows: list[tuple]) -> str:
+    """Plain left-aligned columns; the first row is the header."""
+    cells = [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def short_error(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {text[0][:80] if text else ''}"
 
 
 # models --------------------------------------------------------------------------------
@@ -119,6 +148,8 @@ def zoo_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
 # the tools -----------------------------------------------------------------------------
 
 def ours_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
+    from bnexport.fold import fold_onnx
+
     return fold_onnx(model, check=False)[0]
 
 
@@ -126,6 +157,12 @@ def onnxoptimizer_fuse(model: onnx.ModelProto) -> onnx.ModelProto:
     import onnxoptimizer
 
     return onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])
+
+
+def onnxslim_slim(model: onnx.ModelProto) -> onnx.ModelProto:
+    import onnxslim
+
+    return onnxslim.slim(model)
 
 
 def onnxsim_simplify(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -150,7 +187,13 @@ def ort_fusion(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def ours_module(module: nn.Module, example: torch.Tensor) -> nn.Module:
-    return fold_module(module, check=False, example_input=example)[0]
+    import inspect
+
+    from bnexport.fold import fold_module
+
+    parameters = inspect.signature(fold_module).parameters
+    keyword = {"example_inputs": (example,)} if "example_inputs" in parameters else {"example_input": example}
+    return fold_module(module, check=False, **keyword)[0]
 
 
 def fx_fuse(module: nn.Module, example: torch.Tensor) -> nn.Module:
@@ -159,7 +202,8 @@ def fx_fuse(module: nn.Module, example: torch.Tensor) -> nn.Module:
     return fuse(module)
 
 
-ONNX_TOOLS = {"bnexport": ours_onnx, "onnxoptimizer": onnxoptimizer_fuse, "onnxsim": onnxsim_simplify, "ORT fusion": ort_fusion}
+ONNX_TOOLS = {"bnexport": ours_onnx, "onnxsim": onnxsim_simplify, "onnxslim": onnxslim_slim,
+              "onnxoptimizer": onnxoptimizer_fuse, "ORT fusion": ort_fusion}
 MODULE_TOOLS = {"bnexport": ours_module, "fx.fuse": fx_fuse}
 
 
@@ -234,29 +278,114 @@ def ort_output(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
 
 # the four parts --------------------------------------------------------------------------
 
-def speed(repeats: int) -> dict:
+def resnet50_case():
     torch.manual_seed(0)
     module = randomize_bn(torchvision.models.resnet50(weights=None))
     example = torch.zeros(INPUT)
-    model = torchscript_onnx(module, example)
+    return module, example, torchscript_onnx(module, example)
+
+
+def speed(repeats: int, *, memory: bool = True) -> dict:
+    """Median seconds of each fold on resnet50, all in this process; a tool that fails is kept with its error."""
+    module, example, model = resnet50_case()
     weight_bytes = sum(p.numel() * p.element_size() for p in module.state_dict().values())
-    rows = {}
-    for name, tool in ONNX_TOOLS.items():
-        if name == "ORT fusion":
-            continue  # builds a session, not a model rewrite: not comparable in time
-        rows[f"ONNX: {name}"] = median_seconds(lambda: tool(model), repeats)
-    for name, tool in MODULE_TOOLS.items():
-        rows[f"module: {name}"] = median_seconds(lambda: tool(module, example), repeats)
-    memory = {}
+    timed = {f"ONNX: {name}": (lambda tool=tool: tool(model)) for name, tool in ONNX_TOOLS.items()
+             if name != "ORT fusion"}  # ORT builds a session, not a model rewrite: not comparable in time
+    timed.update({f"module: {name}": (lambda tool=tool: tool(module, example)) for name, tool in MODULE_TOOLS.items()})
+    rows, errors = {}, {}
+    for name, run in timed.items():
+        try:
+            rows[name] = median_seconds(run, repeats)
+        except Exception as err:  # a baseline missing or failing is a row saying so
+            rows[name], errors[name] = math.nan, short_error(err)
+    peak = {}
+    if memory:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "resnet50.onnx"
+            path.write_bytes(onnx_bytes(model))
+            for name in rows:
+                if name in errors:
+                    continue
+                probe = subprocess.run([sys.executable, __file__, "--memory-probe", name, str(path),
+                                        "--threads", str(torch.get_num_threads())],
+                                       capture_output=True, text=True)
+                peak[name] = int(probe.stdout.split()[-1]) / weight_bytes if probe.returncode == 0 else math.nan
+    return {"model": "resnet50", "batchnorm": count_bn(module), "weight_mib": weight_bytes / 2**20,
+            "seconds": rows, "errors": errors, "peak_extra_memory_in_weights": peak}
+
+
+# Runs the commands in a small process of its own: a child's peak resident memory counts the
+# pages it shares with its parent at the fork, and this process holds torch and resnet50.
+_PROCESS_DRIVER = """
+import json, os, subprocess, sys, time
+results = []
+for command in json.loads(sys.argv[1]):
+    started = time.perf_counter()
+    child = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(child.pid, 0)
+    results.append([time.perf_counter() - started, usage.ru_maxrss * 1024, os.waitstatus_to_exitcode(status)])
+print(json.dumps(results))
+"""
+
+
+def _timed_processes(commands: list[list[str]]) -> list[tuple[float, int, int]]:
+    """Wall seconds, peak resident bytes and exit status of each command, run one after the other."""
+    driver = subprocess.run([sys.executable, "-c", _PROCESS_DRIVER, json.dumps(commands)], capture_output=True,
+                            text=True, check=True, env=_child_env())
+    return [tuple(r) for r in json.loads(driver.stdout)]
+
+
+def _child_env() -> dict:
+    """This process's environment, with the repository first on the path so its bnexport is the one run."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def imports_torch(command: list[str]) -> bool | None:
+    """Whether the command, run under ``-X importtime``, imports torch; None if it fails."""
+    run = subprocess.run([command[0], "-X", "importtime", *command[1:]], capture_output=True, text=True, env=_child_env())
+    if run.returncode != 0:
+        return None
+    return any(line.rsplit("|", 1)[-1].strip().split(".")[0] == "torch" for line in run.stderr.splitlines()
+               if line.startswith("import time:"))
+
+
+def processes(repeats: int) -> dict:
+    """bnexport's ``inspect`` and ``fold --no-check`` as whole processes, against bare onnx + onnxruntime ones.
+
+    The four commands run in turn, ``repeats`` rounds after one warm-up round, so that a
+    change in the machine's load touches each of them alike.
+    """
+    _, _, model = resnet50_case()
+    python = sys.executable
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "resnet50.onnx"
         path.write_bytes(onnx_bytes(model))
-        for name in rows:
-            probe = subprocess.run([sys.executable, __file__, "--memory-probe", name, str(path)],
-                                   capture_output=True, text=True, check=True)
-            memory[name] = int(probe.stdout.split()[-1]) / weight_bytes
-    return {"model": "resnet50", "batchnorm": count_bn(module), "weight_mib": weight_bytes / 2**20,
-            "seconds": rows, "peak_extra_memory_in_weights": memory}
+        out_bare, out_ours = Path(folder) / "bare.onnx", Path(folder) / "folded.onnx"
+        commands = {
+            "bnexport inspect": [python, "-m", "bnexport", "inspect", str(path)],
+            "bare load": [python, "-c", f"import onnx, onnxruntime; onnx.load({str(path)!r})"],
+            "bnexport fold --no-check": [python, "-m", "bnexport", "fold", str(path), "-o", str(out_ours), "--no-check"],
+            "bare load + save": [python, "-c", f"import onnx, onnxruntime; m = onnx.load({str(path)!r}); "
+                                               f"onnx.save(m, {str(out_bare)!r})"],
+        }
+        runs = {name: [] for name in commands}
+        results = _timed_processes(list(commands.values()) * (repeats + 1))
+        for index, result in enumerate(results[len(commands):]):  # the first round is the warm-up
+            runs[list(commands)[index % len(commands)]].append(result)
+        torch_imported = {name: imports_torch(commands[name]) for name in ("bnexport inspect", "bnexport fold --no-check")}
+    rows = {}
+    for name, results in runs.items():
+        codes = {code for _, _, code in results}
+        rows[name] = {"seconds": statistics.median(t for t, _, _ in results),
+                      "peak_mib": statistics.median(m for _, m, _ in results) / 2**20,
+                      "exit": max(codes, key=abs)}
+        if name in torch_imported:
+            rows[name]["imports_torch"] = torch_imported[name]
+    ratios = {"inspect": rows["bnexport inspect"]["seconds"] / rows["bare load"]["seconds"],
+              "fold": rows["bnexport fold --no-check"]["seconds"] / rows["bare load + save"]["seconds"]}
+    return {"model": "resnet50", "file_mib": len(onnx_bytes(model)) / 2**20, "rows": rows, "ratios": ratios}
 
 
 def scaling(repeats: int) -> list[dict]:
@@ -272,8 +401,16 @@ def scaling(repeats: int) -> list[dict]:
     return rows
 
 
-def _tool_result(tool, *args, reference=None, run=None) -> dict:
+def executed_bn(module: nn.Module, example: torch.Tensor) -> int:
+    """BatchNorm sites the module runs on ``example``, whatever the class it returns (see coverage_fold)."""
+    from coverage_fold import run_module
+
+    return run_module(module, example)[1]
+
+
+def _tool_result(tool, *args, reference=None, run=None, count=None) -> dict:
     """BNs left and relative error of one tool's output; an exception is reported, not raised."""
+    count = count or count_bn
     try:
         output = tool(*args)
     except Exception as err:  # a baseline tool failing is a finding, not a benchmark error
@@ -281,8 +418,8 @@ def _tool_result(tool, *args, reference=None, run=None) -> dict:
     try:
         error = relative_error(reference, run(output))
     except Exception as err:
-        return {"left": count_bn(output), "error": f"output does not run: {type(err).__name__}"}
-    return {"left": count_bn(output), "rel_error": error}
+        return {"left": count(output), "error": f"output does not run: {type(err).__name__}"}
+    return {"left": count(output), "rel_error": error}
 
 
 def coverage() -> list[dict]:
@@ -295,14 +432,15 @@ def coverage() -> list[dict]:
         x = example.numpy()
         with torch.no_grad():
             reference = module(example).numpy()
-        total = count_bn(module)
+        total = executed_bn(module, example)
         row = {"model": name, "batchnorm": total, "tools": {}}
         for tool_name, tool in MODULE_TOOLS.items():
             def run(m):
                 with torch.no_grad():
                     return m(example).numpy()
             row["tools"][f"module: {tool_name}"] = _tool_result(lambda m: tool(m, example), copy.deepcopy(module),
-                                                               reference=reference, run=run)
+                                                               reference=reference, run=run,
+                                                               count=lambda m: executed_bn(m, example))
         for exporter_name, exporter in (("TorchScript", torchscript_onnx), ("dynamo", dynamo_onnx)):
             try:
                 model = exporter(module, example)
@@ -312,8 +450,9 @@ def coverage() -> list[dict]:
             onnx_reference = ort_output(model, x)
             row.setdefault("onnx_batchnorm", {})[exporter_name] = count_bn(model)
             for tool_name, tool in ONNX_TOOLS.items():
-                row["tools"][f"{exporter_name}: {tool_name}"] = _tool_result(
-                    tool, model, reference=onnx_reference, run=lambda m: ort_output(m, x))
+                row["tools"][f"{exporter_name}: {tool_name}"] = _tool_result(  # a copy each: some tools edit their input
+                    tool, onnx.ModelProto.FromString(model.SerializeToString()), reference=onnx_reference,
+                    run=lambda m: ort_output(m, x))
         rows.append(row)
         print(f"  coverage: {name} done", file=sys.stderr)
     return rows
@@ -322,13 +461,47 @@ def coverage() -> list[dict]:
 # output ---------------------------------------------------------------------------------
 
 def speed_table(result: dict) -> str:
-    seconds = result["seconds"]
-    ours = {"ONNX": seconds["ONNX: bnexport"], "module": seconds["module: bnexport"]}
+    seconds, errors = result["seconds"], result.get("errors", {})
+    ours = {"ONNX": seconds.get("ONNX: bnexport", math.nan), "module": seconds.get("module: bnexport", math.nan)}
     rows = [("fold", "seconds", "time ÷ bnexport's", "extra peak memory (× weights)")]
     for name, value in seconds.items():
+        if name in errors:
+            rows.append((name, f"fails: {errors[name]}", "", ""))
+            continue
         world = name.split(":")[0]
-        rows.append((name, f"{value:.3f}", f"{value / ours[world]:.2f}×", f"{result['peak_extra_memory_in_weights'][name]:.2f}"))
+        memory = result["peak_extra_memory_in_weights"].get(name)
+        rows.append((name, f"{value:.3f}", f"{value / ours[world]:.2f}×", "" if memory is None else f"{memory:.2f}"))
     return format_table(rows)
+
+
+def ratio_lines(result: dict) -> list[str]:
+    """Each baseline's time over bnexport's, with the issue's targets where there is one."""
+    seconds = result["seconds"]
+    lines = []
+    for baseline in seconds:
+        world, name = baseline.split(": ")
+        if name == "bnexport":
+            continue
+        label = f"{name} ÷ bnexport {world} fold"
+        ratio = seconds[baseline] / seconds.get(f"{world}: bnexport", math.nan)
+        target = TARGETS.get(label)
+        verdict = ""
+        if target and math.isfinite(ratio):
+            verdict = f" (target ≥ {target[3]:g}×: {'met' if ratio >= target[3] else 'NOT met'})"
+        lines.append(f"  {label}: {ratio:.2f}×{verdict}" if math.isfinite(ratio) else f"  {label}: n/a")
+    return lines
+
+
+def process_table(result: dict) -> str:
+    rows = [("process", "seconds", "peak RSS MiB", "exit", "imports torch")]
+    for name, row in result["rows"].items():
+        torch_column = {True: "yes", False: "no", None: "?"}.get(row.get("imports_torch"), "") if "imports_torch" in row else ""
+        rows.append((name, f"{row['seconds']:.3f}", f"{row['peak_mib']:.0f}", str(row["exit"]), torch_column))
+    lines = [format_table(rows)]
+    for key, bound in PROCESS_TARGETS.items():
+        ratio = result["ratios"][key]
+        lines.append(f"  bnexport {key} ÷ bare: {ratio:.2f}× (target ≤ {bound:g}×: {'met' if ratio <= bound else 'NOT met'})")
+    return "\n".join(lines)
 
 
 def memory_probe(tool_name: str, onnx_path: str) -> int:
@@ -378,35 +551,56 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--skip-coverage", action="store_true")
+    parser.add_argument("--skip-scaling", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true", help="no peak-memory probes (a fresh process per tool)")
+    parser.add_argument("--skip-processes", action="store_true", help="no whole-process timings of the command line")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch (and OpenMP) threads (default: torch's own). On a loaded machine use 1: "
+                             "with more, thread contention, not the fold, sets the module folds' times")
     parser.add_argument("--memory-probe", nargs=2, metavar=("TOOL", "ONNX"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_probe:
         print(memory_probe(*args.memory_probe))
         return 0
     torch.manual_seed(0)
-    results = {"threads": torch.get_num_threads(), "versions": versions()}
-    results["speed"] = speed(args.repeats)
+    results = {"threads": torch.get_num_threads(), "versions": versions(), "load_average_before": os.getloadavg()}
+    print(f"load average before: {' '.join(f'{v:.2f}' for v in os.getloadavg())}; torch threads: {results['threads']}")
+    results["speed"] = speed(args.repeats, memory=not args.skip_memory)
     print(f"resnet50 ({results['speed']['batchnorm']} BN, {results['speed']['weight_mib']:.0f} MiB of weights), "
           f"median of {args.repeats}, parity check excluded:")
-    print(speed_table(results["speed"]), "\n")
-    results["scaling"] = scaling(args.repeats)
-    print(scaling_table(results["scaling"]), "\n")
+    print(speed_table(results["speed"]))
+    print("\n".join(ratio_lines(results["speed"])), "\n")
+    if not args.skip_processes:
+        results["processes"] = processes(args.repeats)
+        print(f"whole processes on resnet50's ONNX file ({results['processes']['file_mib']:.0f} MiB), "
+              f"median of {args.repeats} after a warm-up:")
+        print(process_table(results["processes"]), "\n")
+    if not args.skip_scaling:
+        results["scaling"] = scaling(args.repeats)
+        print(scaling_table(results["scaling"]), "\n")
     if not args.skip_coverage:
         results["coverage"] = coverage()
         print("BatchNorm folded / total, and max |Δ| / max |reference| of the tool's output:")
         print(coverage_table(results["coverage"]))
+    results["load_average_after"] = os.getloadavg()
+    print(f"load average after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        args.json.write_text(json.dumps(results, indent=2, default=str) + "\n")
     return 0
 
 
 def versions() -> dict:
-    import onnxoptimizer
-    import onnxruntime
-    import onnxsim
+    from importlib.metadata import PackageNotFoundError, version
 
-    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
-            "onnxoptimizer": onnxoptimizer.__version__, "onnxsim": onnxsim.__version__}
+    found = {}
+    for package in ("torch", "onnx", "onnxruntime", "onnxoptimizer", "onnxsim", "onnxslim"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = "not installed"
+    return found
 
 
 if __name__ == "__main__":
