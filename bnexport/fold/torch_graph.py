@@ -47,7 +47,8 @@ def layer_kind(module: nn.Module) -> str | None:
         for base in types:
             if isinstance(module, base):
                 cls = type(module)
-                standard = cls.forward is base.forward and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None)
+                standard = (cls.forward is base.forward
+                            and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None))
                 return kind if standard else None
     return None
 
@@ -264,13 +265,15 @@ def _computes(module: nn.Module, graph: fx.Graph, bn_node: fx.Node, stats: BnSta
         runner = fx.GraphModule(module, probe)
         channels = stats.num_features
         with torch.no_grad():
-            zero = runner(torch.zeros(1, channels, 1, 1, dtype=stats.mean.dtype)).reshape(-1).double()
-            one = runner(torch.ones(1, channels, 1, 1, dtype=stats.mean.dtype)).reshape(-1).double()
+            like = {"dtype": stats.mean.dtype, "device": stats.mean.device}
+            zero = runner(torch.zeros(1, channels, 1, 1, **like)).reshape(-1).double()
+            one = runner(torch.ones(1, channels, 1, 1, **like)).reshape(-1).double()
     except Exception:  # any forward that does not take a (1, C, 1, 1) tensor is not the pattern
         return False
-    gamma = stats.weight.double() if stats.weight is not None else torch.ones(channels, dtype=torch.float64)
-    beta = stats.bias.double() if stats.bias is not None else torch.zeros(channels, dtype=torch.float64)
-    scale, shift = bn_scale_shift(gamma, beta, stats.mean.double(), stats.var.double(), stats.eps)
+    mean = stats.mean.double()
+    gamma = stats.weight.double() if stats.weight is not None else torch.ones_like(mean)
+    beta = stats.bias.double() if stats.bias is not None else torch.zeros_like(mean)
+    scale, shift = bn_scale_shift(gamma, beta, mean, stats.var.double(), stats.eps)
     tol = 1e-3 if stats.mean.dtype in (torch.float16, torch.bfloat16) else 1e-5
     scale_of = lambda v: tol * (1 + v.abs().max())  # noqa: E731
     return bool((zero - shift).abs().max() <= scale_of(shift) and (one - zero - scale).abs().max() <= scale_of(scale))
@@ -308,9 +311,20 @@ class Analysis:
         return self.paths[id(module)][0]
 
     def untraced_caller(self, path: str) -> str | None:
-        """The untraceable module whose forward calls ``path`` directly, if any."""
-        parent = path.rpartition(".")[0]
-        return parent if parent in self.untraced else None
+        """The untraceable module whose forward calls ``path`` directly, if any (containers without a forward skipped)."""
+        parent = path
+        while parent:
+            parent = parent.rpartition(".")[0]
+            if parent in self.untraced:
+                return parent
+            if has_forward(self.module.get_submodule(parent)):
+                return None
+        return None
+
+
+def has_forward(module: nn.Module) -> bool:
+    """False for containers such as ModuleList, which hold modules but are never called."""
+    return type(module).forward is not nn.Module.forward
 
 
 def analyse(module: nn.Module) -> Analysis:
@@ -330,9 +344,12 @@ def _visit(analysis: Analysis, path: str, module: nn.Module, tracer: BnTracer) -
     if is_batchnorm(module) or layer_kind(module) is not None:
         return  # a lone BN or layer as the model: nothing next to it
     try:
+        if not has_forward(module):
+            raise NotImplementedError  # a container: its children are called by its parent's forward
         graph = _clean(tracer.trace(module))
     except Exception as err:  # fx raises many types for untraceable Python
-        analysis.untraced[path] = first_line(err)
+        if has_forward(module):
+            analysis.untraced[path] = first_line(err)
         for name, child in module.named_children():
             _visit(analysis, f"{path}.{name}" if path else name, child, tracer)
         return

@@ -120,7 +120,8 @@ def _output_channel_view(scale: torch.Tensor, weight: torch.Tensor, kind: str, g
         return scale.reshape(-1, *([1] * (weight.dim() - 1)))
     c_in, c_out_per_group, *kernel = weight.shape
     per_group = scale.reshape(groups, 1, c_out_per_group, *([1] * len(kernel)))
-    return per_group.expand(groups, c_in // groups, c_out_per_group, *([1] * len(kernel))).reshape(c_in, c_out_per_group, *([1] * len(kernel)))
+    ones = [1] * len(kernel)
+    return per_group.expand(groups, c_in // groups, c_out_per_group, *ones).reshape(c_in, c_out_per_group, *ones)
 
 
 @dataclass
@@ -361,7 +362,8 @@ class Folder:
             if rank is None:
                 return "shape_mismatch", "Linear → BN is exact only on 2-D input; pass example_input so the shapes are known"
             if rank != 2:
-                return "shape_mismatch", f"Linear → BN on {rank}-D input: BN normalises axis 1, the Linear's features are the last axis"
+                return "shape_mismatch", (f"Linear → BN on {rank}-D input: BN normalises axis 1, "
+                                          f"the Linear's features are the last axis")
         return None
 
     def _before_reason(self, site: Site, layer_node: fx.Node, layer: nn.Module) -> tuple[str, str] | None:
@@ -375,7 +377,8 @@ class Folder:
             return "no_linear_neighbour", f"it feeds the {name} other than as its input"
         if kind == "conv":
             if pads_zeros(layer):
-                return "zero_padding", f"it precedes a {name} with zero padding: the padded border is not shifted, so the fold is inexact"
+                return "zero_padding", (f"it precedes a {name} with zero padding: the padded border is not shifted, "
+                                        f"so the fold is inexact")
             if layer.in_channels != channels:
                 return "shape_mismatch", f"the {name} has {layer.in_channels} input channels, the BN {channels}"
             return None

@@ -2,7 +2,8 @@
 
 Every test here is slow (``pytest -m slow``) and skipped without timm. Each model is folded
 with ``fold_module``; the copy must match the unfolded model in eager mode at 1e-5 of the
-output's scale, and must execute no batch_norm for a BN it reports folded. For a subset, the
+output's scale (the unfolded model run in float64, so that float32's own rounding in the
+reference does not count against the fold), and must execute no batch_norm for a BN it reports folded. For a subset, the
 module fold must remove at least as many BNs as bnexport's ONNX fold removes from the same
 model's dynamo export (``optimize=False`` keeps every BatchNormalization).
 
@@ -13,6 +14,7 @@ kept reasons, with ``--onnx`` the ONNX fold's count beside each.
 from __future__ import annotations
 
 import collections
+import copy
 import sys
 from pathlib import Path
 
@@ -80,9 +82,13 @@ def fold_row(name: str) -> dict:
     folded, report = fold_module(model, example_input=x, check=False)
     before, expected = executed_batch_norms(model, x)
     after, got = executed_batch_norms(folded, x)
+    with torch.no_grad():
+        exact = copy.deepcopy(model).double()(x.double())
     return {"name": name, "total": len(report.records), "folded": len(report.folded), "report": report,
             "kept": collections.Counter(r.reason_code for r in report.kept), "executed_before": before,
-            "executed_after": after, "rel": relative_error(expected.numpy(), got.numpy()), "model": model, "x": x}
+            "executed_after": after, "rel": relative_error(exact.numpy(), got.numpy()),
+            "rel32": relative_error(expected.numpy(), got.numpy()), "noise32": relative_error(exact.numpy(), expected.numpy()),
+            "model": model, "x": x}
 
 
 def onnx_folded(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -94,7 +100,8 @@ def onnx_folded(model: torch.nn.Module, x: torch.Tensor) -> tuple[int, int]:
 
 def _row_text(row: dict, onnx: tuple[int, int] | None = None) -> str:
     kept = ", ".join(f"{code}: {n}" for code, n in sorted(row["kept"].items())) or "-"
-    text = f"{row['name']:22s} {row['total']:5d} {row['folded']:6d}   {kept:40s} {row['rel']:.1e}"
+    text = (f"{row['name']:22s} {row['total']:5d} {row['folded']:6d}   {kept:28s} {row['rel']:.1e}  {row['rel32']:.1e}"
+            f"  {row['noise32']:.1e}")
     return text + (f"   onnx {onnx[1]}/{onnx[0]}" if onnx else "")
 
 
@@ -105,7 +112,10 @@ def test_timm_module_fold(name):
     print("\n" + _row_text(row))
     report = row["report"]
     assert all(r.reason_code for r in report.kept), report.table()
+    # against the unfolded model run in float64: the float32 model itself is a few 1e-6 of scale off
+    # on these random-weight nets, so folded and unfolded float32 differ by up to twice that
     assert row["rel"] <= REL_TOL, report.table()
+    assert row["rel32"] <= 2 * REL_TOL, report.table()
     # every folded site is gone from the forward; the kept ones still run
     assert row["executed_after"] == row["executed_before"] - row["folded"], report.table()
     if name == "convnext_atto":
@@ -122,7 +132,8 @@ def test_timm_module_fold(name):
 def main(argv: list[str]) -> None:
     with_onnx = "--onnx" in argv
     names = [a for a in argv if not a.startswith("--")] or MODELS
-    print(f"{'model':22s} {'BNs':>5s} {'folded':>6s}   {'kept by reason_code':40s} max|Δ|/scale" + ("   onnx removed/BNs" if with_onnx else ""))
+    print(f"{'model':22s} {'BNs':>5s} {'folded':>6s}   {'kept by reason_code':28s} {'vs f64':7s}  {'vs f32':7s}  "
+          f"{'f32 noise':9s}" + ("   onnx removed/BNs" if with_onnx else ""))
     for name in names:
         try:
             row = fold_row(name)

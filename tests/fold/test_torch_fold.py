@@ -525,3 +525,36 @@ def test_untraceable_batchnorm_subclass_is_kept_and_named():
     record = report.records[0]
     assert (record.batchnorm, record.status, record.reason_code) == ("1", "kept", "untraceable")
     assert "Odd" in record.reason and "control flow" in record.reason
+
+
+def test_modulelist_under_an_untraceable_forward_names_the_caller():
+    class Looped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)])
+            self.tail = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x) if x.mean() > -10 else x
+            return self.tail(x)
+
+    model = randomize_bn(Looped())
+    x = torch.randn(1, 3, 4, 4)
+    folded, report = fold_module(model, example_input=x)
+    decisions = {r.batchnorm: (r.status, r.reason_code) for r in report.records}
+    assert decisions == {"tail.1": ("folded", None), "blocks.1": ("kept", "untraceable")}
+    assert "the model (Looped)" in report.records[1].reason
+    with torch.no_grad():
+        assert relative_error(model(x), folded(x)) < 1e-6
+
+
+def test_every_kept_record_has_a_known_reason_code():
+    from bnexport.fold import REASON_CODES
+
+    cases = [(Everything(), torch.zeros(EVERYTHING_INPUT)), (DataDependent(), torch.ones(1, 3, 4, 4)),
+             (SharedConv(), torch.zeros(1, 3, 4, 4))]
+    for model, x in cases:
+        model = randomize_bn(model)
+        _, report = fold_module(model, example_input=x, check=False)
+        assert report.kept and all(r.reason_code in REASON_CODES and r.reason for r in report.kept)
