@@ -73,8 +73,8 @@ def apply_plan(module: nn.Module, plan: Plan, tensor_slots) -> nn.Module:
             if tensor is not None and tensor_slots[id(tensor)] == 1:
                 memo[id(tensor)] = None
     copied = copy.deepcopy(module, memo)
-    scratch: dict = {}  # largest layer first, so the float64 scratch buffer is allocated once
-    for path, fold in sorted(plan.layers.items(), key=lambda item: -item[1].module.weight.numel()):
+    scratch: dict = {}  # one float64 buffer for all layers
+    for path, fold in plan.layers.items():
         layer, original = copied.get_submodule(path), fold.module.weight
         layer.weight = nn.Parameter(fold.folded_weight(scratch), requires_grad=original.requires_grad)
         layer.bias = nn.Parameter(fold.bias.to(original.dtype), requires_grad=original.requires_grad)

@@ -90,22 +90,39 @@ class LayerFold:
         return getattr(self.module, "groups", 1)
 
     def folded_weight(self, scratch: dict) -> torch.Tensor:
-        """The folded weight, computed in float64 and rounded once to the layer's dtype."""
+        """The folded weight, computed in float64 and rounded once to the layer's dtype.
+
+        It goes through a small float64 buffer, rows at a time, shared by every layer: a
+        float64 copy of each whole weight would cost more in fresh memory than the maths.
+        """
         original = self.module.weight.detach()
         if self.weight is not None:
             return self.weight.to(original.dtype)
-        buffer = _scratch(scratch, original)
-        buffer.copy_(original)  # into reused float64 memory: fresh float64 copies of every weight cost more than the maths
-        buffer.mul_(_output_channel_view(self.scale, buffer, self.kind, self.groups))
-        return buffer.to(original.dtype, copy=True)
+        scale = _output_channel_view(self.scale, original, self.kind, self.groups)
+        folded = torch.empty_like(original)
+        rows = max(1, _CHUNK // max(1, original[0].numel()))
+        buffer = _scratch(scratch, (rows, *original.shape[1:]), original.device)
+        for start in range(0, len(original), rows):
+            stop = min(start + rows, len(original))
+            chunk = buffer[: stop - start]
+            chunk.copy_(original[start:stop])
+            chunk.mul_(scale[start:stop])
+            folded[start:stop].copy_(chunk)
+        return folded
 
 
-def _scratch(scratch: dict, like: torch.Tensor) -> torch.Tensor:
-    """A float64 view shaped like ``like``, over a buffer reused for every layer on its device."""
-    buffer = scratch.get(like.device)
-    if buffer is None or buffer.numel() < like.numel():
-        buffer = scratch[like.device] = torch.empty(like.numel(), dtype=torch.float64, device=like.device)
-    return buffer[: like.numel()].view(like.shape)
+_CHUNK = 1 << 18  # float64 elements per pass (2 MiB)
+
+
+def _scratch(scratch: dict, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """A float64 tensor of ``shape`` over one buffer per device, reused by every layer."""
+    size = 1
+    for dim in shape:
+        size *= dim
+    buffer = scratch.get(device)
+    if buffer is None or buffer.numel() < size:
+        buffer = scratch[device] = torch.empty(max(size, _CHUNK), dtype=torch.float64, device=device)
+    return buffer[:size].view(shape)
 
 
 def _output_channel_view(scale: torch.Tensor, weight: torch.Tensor, kind: str, groups: int) -> torch.Tensor:
