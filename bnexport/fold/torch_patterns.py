@@ -227,24 +227,29 @@ class Folder:
             if shared:
                 return _kept(site, *shared)
         reasons: list[tuple[str, str]] = []
-        producer = site.input
+        producer = self._upstream(site.input, site.part)
         layer = self._layer(producer, site.part)
+        reshaped = False
+        if layer is None and site.module is not None:  # Linear → flatten → BN1d (LeViT's LinearNorm)
+            source = self._before_reshapes(producer)
+            if source is not producer and layer_kind(self._layer(source, site.part)) == "linear":
+                producer, layer, reshaped = source, self._layer(source, site.part), True
         if layer is not None:
-            why = self._after_reason(producer, layer, site) or self._layer_reason(layer)
+            why = self._after_reason(producer, layer, site, reshaped=reshaped) or self._layer_reason(layer)
             if why is None:
-                return self._fold_after(site, producer, layer)
+                return self._fold_after(site, producer, layer, reshaped=reshaped)
             reasons.append(why)
         else:
             reasons.append(("no_linear_neighbour", f"input comes from {_describe(producer, site.part)}, "
                                                    f"not a Conv, ConvTranspose or Linear"))
-        users = list(site.node.users)
+        feed, users = self._downstream(site.node, site.part)
         if site.form.remainder is not None:
             reasons.append(("no_linear_neighbour", "its forward goes on after normalising (e.g. an activation), "
                                                    "so it folds only into a layer before it"))
         elif len(users) == 1 and self._layer(users[0], site.part) is not None:
             consumer = users[0]
             layer = self._layer(consumer, site.part)
-            why = self._before_reason(site, consumer, layer) or self._layer_reason(layer)
+            why = self._before_reason(site, feed, consumer, layer) or self._layer_reason(layer)
             if why is None:
                 return self._fold_before(site, consumer, layer)
             reasons.append(why)
@@ -256,18 +261,18 @@ class Folder:
         code = next((c for c, _ in reasons if c != "no_linear_neighbour"), "no_linear_neighbour")
         return _kept(site, code, "; ".join(sentence for _, sentence in reasons))
 
-    def _fold_after(self, site: Site, producer: fx.Node, layer: nn.Module) -> FoldRecord:
+    def _fold_after(self, site: Site, producer: fx.Node, layer: nn.Module, *, reshaped: bool = False) -> FoldRecord:
         if site.owner is not None and not self._remove_call(site):
             return _kept(site, "untraceable", self._owner_graphs[site.owner])
         path = site.part.full(producer.target)
         scale, shift = bn_scale_shift_of(site.form.stats, name=site.label)
         self._pending(path, layer).after(scale, shift)
         if site.form.remainder is None:
-            site.node.replace_all_uses_with(producer)
+            site.node.replace_all_uses_with(site.input)
             site.part.graph.erase_node(site.node)
         if site.module is not None:
             self.plan.removed[site.label] = site.form
-        pure_module = site.module is not None and site.form.remainder is None
+        pure_module = site.module is not None and site.form.remainder is None and not reshaped
         self.plan.equivalent[path] = site.label if pure_module else None
         return FoldRecord(site.label, FOLDED, folded_into=path, position="after")
 
@@ -277,7 +282,7 @@ class Folder:
         path = site.part.full(consumer.target)
         scale, shift = bn_scale_shift_of(site.form.stats, name=site.label)
         self._pending(path, layer).before(scale, shift)
-        consumer.replace_input_with(site.node, site.input)
+        next(iter(site.node.users)).replace_input_with(site.node, site.input)
         site.part.graph.erase_node(site.node)
         if site.module is not None:
             self.plan.removed[site.label] = site.form
@@ -320,6 +325,35 @@ class Folder:
         return False
 
     # reasons --------------------------------------------------------------------------------
+
+    def _passes_through(self, node, part: Part) -> bool:
+        """A module that is the identity in eval mode: nn.Identity, or Dropout that is not training."""
+        if not isinstance(node, fx.Node) or node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            return False
+        module = part.modules[node.target]
+        return type(module) is nn.Identity or (isinstance(module, nn.modules.dropout._DropoutNd) and not module.training)
+
+    def _upstream(self, node, part: Part):
+        """What feeds ``node``, past identities that feed nothing else (ONNX exports drop them too)."""
+        while self._passes_through(node, part) and len(node.users) == 1:
+            node = node.args[0]
+        return node
+
+    def _downstream(self, node: fx.Node, part: Part) -> tuple[fx.Node, list[fx.Node]]:
+        """(the last node of ``node``'s single-user chain of identities, that node's users)."""
+        users = list(node.users)
+        while len(users) == 1 and self._passes_through(users[0], part):
+            node = users[0]
+            users = list(node.users)
+        return node, users
+
+    def _before_reshapes(self, node):
+        """What feeds ``node`` through a single-user chain of reshapes (flatten, reshape, view), or ``node``."""
+        while (isinstance(node, fx.Node) and len(node.users) == 1 and node.args
+               and ((node.op == "call_method" and node.target in _RESHAPE_METHODS)
+                    or (node.op == "call_function" and node.target in (torch.flatten, torch.reshape)))):
+            node = node.args[0]
+        return node
 
     def _layer(self, node, part: Part) -> nn.Module | None:
         if isinstance(node, fx.Node) and node.op == "call_module":
@@ -366,15 +400,25 @@ class Folder:
             return None
         return self._observe().ranks.get(id(layer), (None, None))[which]
 
-    def _after_reason(self, layer_node: fx.Node, layer: nn.Module, site: Site) -> tuple[str, str] | None:
-        """Why ``bn(layer(x))`` cannot be folded into the layer, or None when it can."""
+    def _after_reason(self, layer_node: fx.Node, layer: nn.Module, site: Site, *, reshaped: bool = False) -> tuple[str, str] | None:
+        """Why ``bn(layer(x))`` cannot be folded into the layer, or None when it can.
+
+        ``reshaped``: the Linear's output reaches the BN through reshapes only. Reshapes keep
+        row-major order, so when both ends have C as their last axis, each row the BN sees is
+        one of the Linear's: on a 2-D BN input, channel c is the Linear's feature c.
+        """
         name = type(layer).__name__
-        if len(layer_node.users) > 1:
+        if len(_value_users(layer_node)) > 1:
             return "multiple_consumers", f"the {name}'s output feeds more than the BN"
         channels = site.form.stats.num_features
         if output_channels(layer) != channels:
             return "shape_mismatch", f"the {name} has {output_channels(layer)} output channels, the BN {channels}"
-        if layer_kind(layer) == "linear":
+        if reshaped:
+            rank = self._rank(site.module, 0)
+            if rank != 2:
+                return "shape_mismatch", ("Linear → reshape → BN is exact only when the BN's input is 2-D"
+                                          + ("; pass example_input so the shapes are known" if rank is None else f", not {rank}-D"))
+        elif layer_kind(layer) == "linear":
             rank = self._rank(layer, 1)
             if rank is None:
                 return "shape_mismatch", "Linear → BN is exact only on 2-D input; pass example_input so the shapes are known"
@@ -383,14 +427,14 @@ class Folder:
                                           f"the Linear's features are the last axis")
         return None
 
-    def _before_reason(self, site: Site, layer_node: fx.Node, layer: nn.Module) -> tuple[str, str] | None:
+    def _before_reason(self, site: Site, feed: fx.Node, layer_node: fx.Node, layer: nn.Module) -> tuple[str, str] | None:
         """Why ``layer(bn(x))`` cannot be folded into the layer, or None when it can."""
         name = type(layer).__name__
         kind = layer_kind(layer)
         channels = site.form.stats.num_features
         if kind == "transposed":
             return "unsupported_layer", f"it precedes a {name}, whose border outputs sum fewer taps, so the shift is not uniform"
-        if not layer_node.args or layer_node.args[0] is not site.node or len(layer_node.args) > 1 or layer_node.kwargs:
+        if not layer_node.args or layer_node.args[0] is not feed or len(layer_node.args) > 1 or layer_node.kwargs:
             return "no_linear_neighbour", f"it feeds the {name} other than as its input"
         if kind == "conv":
             if pads_zeros(layer):
@@ -407,6 +451,23 @@ class Folder:
         if rank != 2:
             return "shape_mismatch", f"BN → Linear on {rank}-D input: BN normalises axis 1, the Linear reads the last axis"
         return None
+
+
+_RESHAPE_METHODS = ("flatten", "reshape", "view")
+
+
+def _value_users(node: fx.Node) -> list[fx.Node]:
+    """The users that read ``node``'s values, not only its shape (``y.reshape_as(node)``, ``node.size()``)."""
+
+    def shape_only(user: fx.Node) -> bool:
+        if user.op == "call_method" and user.target in ("reshape_as", "view_as", "expand_as"):
+            return user.args[0] is not node
+        if user.op == "call_method" and user.target in ("size", "dim"):
+            return True
+        return (user.op == "call_function" and user.target is getattr
+                and user.args[1] in ("shape", "ndim", "dtype", "device"))
+
+    return [user for user in node.users if not shape_only(user)]
 
 
 def _kept(site: Site, code: str, reason: str) -> FoldRecord:

@@ -558,3 +558,41 @@ def test_every_kept_record_has_a_known_reason_code():
         model = randomize_bn(model)
         _, report = fold_module(model, example_input=x, check=False)
         assert report.kept and all(r.reason_code in REASON_CODES and r.reason for r in report.kept)
+
+
+def test_identity_and_eval_dropout_between_bn_and_layer():
+    """As in an ONNX export, an eval-mode Dropout or an Identity between BN and layer does not stop the fold."""
+    model = randomize_bn(nn.Sequential(nn.Linear(6, 5), nn.Identity(), nn.BatchNorm1d(5), nn.Dropout(0.2), nn.Linear(5, 3),
+                                       nn.BatchNorm1d(3), nn.Dropout(0.5)))
+    x = torch.zeros(4, 6)
+    folded, report = fold_module(model, example_input=x)
+    assert [(r.batchnorm, r.folded_into, r.position) for r in report.folded] == [("2", "0", "after"), ("5", "4", "after")]
+    model[3].train()  # a training Dropout is not the identity: BN → Dropout → Linear is not a fold
+    model[0].bias.requires_grad_(False)
+    _, report = fold_module(nn.Sequential(model[2], model[3], model[4]), example_input=torch.zeros(4, 5), check=False)
+    assert report.records[0].status == "kept"
+
+
+class LinearNorm(nn.Module):
+    """LeViT's Linear → flatten(0, 1) → BatchNorm1d → reshape back."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.linear = nn.Linear(6, features, bias=False)
+        self.bn = nn.BatchNorm1d(features)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+def test_linear_reshape_batchnorm_folds():
+    model = randomize_bn(LinearNorm(5))
+    x = torch.zeros(2, 7, 6)
+    folded, report = fold_module(model, example_input=x)
+    assert [(r.batchnorm, r.status, r.folded_into) for r in report.records] == [("bn", "folded", "linear")]
+    x = torch.randn(3, 4, 6)
+    with torch.no_grad():
+        assert relative_error(model(x), folded(x)) < 1e-6
+    _, report = fold_module(model, check=False)  # without shapes the BN's rank is unknown: kept
+    assert report.records[0].reason_code == "shape_mismatch"
