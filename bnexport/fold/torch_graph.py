@@ -222,7 +222,8 @@ def _traced_form(module: nn.Module, *, rank: int | None) -> BnForm:
                 bn_node = None
     if bn_node is None:
         return BnForm(reason=f"its forward ({name}) has no single batch_norm bnexport recognises", reason_code="untraceable")
-    if not placeholders or bn_node.args[0] is not placeholders[0]:
+    bn_input = bn_node.args[0].args[0] if bn_node.target is not F.batch_norm else bn_node.args[0]  # x of x * s + t
+    if not placeholders or bn_input is not placeholders[0]:
         return BnForm(reason=f"its forward ({name}) computes on the input before normalising it",
                       reason_code="no_linear_neighbour")
     bn_node.replace_all_uses_with(placeholders[0])

@@ -223,7 +223,7 @@ class Folder:
         if site.form.reason:
             return _kept(site, site.form.reason_code, site.form.reason)
         if site.module is not None:
-            shared = self._shared(site.module, "BN")
+            shared = self._shared(site.module)
             if shared:
                 return _kept(site, *shared)
         reasons: list[tuple[str, str]] = []
@@ -362,7 +362,7 @@ class Folder:
                 return module
         return None
 
-    def _shared(self, module: nn.Module, what: str) -> tuple[str, str] | None:
+    def _shared(self, module: nn.Module) -> tuple[str, str] | None:
         """Why folding into (or removing) this module would change another site, or None."""
         analysis = self.analysis
         path = analysis.path(module)
@@ -387,7 +387,7 @@ class Folder:
         name = f"{type(layer).__name__} '{self.analysis.path(layer)}'"
         if parametrize.is_parametrized(layer) or layer._forward_pre_hooks:
             return "not_constant", f"the {name} computes its weight at each call (a parametrization or pre-hook)"
-        return self._shared(layer, "layer")
+        return self._shared(layer)
 
     def _observe(self) -> Observation:
         if self._observation is None:

@@ -370,6 +370,15 @@ def test_timm_batchnorm_act_folds_and_keeps_its_activation():
     assert executed_batch_norms(folded, x) == 0
     with torch.no_grad():
         assert relative_error(model(x), folded(x)) < 1e-6
+    # its frozen twin computes x · s + t by hand, then the activation
+    frozen = nn.Sequential(nn.Conv2d(3, 6, 3), timm_layers.FrozenBatchNormAct2d(6, act_layer=nn.ReLU)).eval()
+    with torch.no_grad():
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            getattr(frozen[1], name).copy_(getattr(model[1], name))
+    folded, report = fold_module(frozen, example_input=x)
+    assert report.records[0].status == "folded" and isinstance(folded[1].act, nn.ReLU)
+    with torch.no_grad():
+        assert relative_error(frozen(x), folded(x)) < 1e-6
 
 
 class FunctionalBN(nn.Module):
