@@ -5,7 +5,9 @@ The module is analysed in traced parts (``torch_graph``) and each BatchNorm site
 absorbed a BN has its folded weight and bias, each folded BN module is replaced by
 ``nn.Identity`` (or, for a norm-act module, by what its forward runs after normalising), and
 a module whose own forward called a folded ``F.batch_norm`` runs that forward without the
-call. Everything else is untouched: the copy's class, methods, attributes and module modes
+call (it becomes an instance of a subclass of its class, made here, whose forward is the
+traced one: ``isinstance`` holds, but ``torch.save`` of the whole module cannot pickle that
+class; save its state dict instead). Everything else is untouched: the copy's class, methods, attributes and module modes
 are the user's, and its state-dict keys differ only where a BN was removed (plus the bias a
 bias-less layer gains).
 

@@ -254,7 +254,9 @@ class Folder:
                 return self._fold_before(site, consumer, layer)
             reasons.append(why)
         elif len(users) != 1:
-            reasons.append(("multiple_consumers" if users else "no_linear_neighbour",
+            # several users are what stops the fold only when one of them is a layer it could fold into
+            into_layer = any(self._layer(user, site.part) is not None for user in users)
+            reasons.append(("multiple_consumers" if into_layer else "no_linear_neighbour",
                             "its output feeds several nodes" if users else "its output is unused"))
         else:
             reasons.append(("no_linear_neighbour", f"its output goes to {_describe(users[0], site.part)}, not a Conv or Linear"))
