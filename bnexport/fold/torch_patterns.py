@@ -94,6 +94,7 @@ class LayerFold:
 
         It goes through a small float64 buffer, rows at a time, shared by every layer: a
         float64 copy of each whole weight would cost more in fresh memory than the maths.
+        A row longer than the buffer is still one pass.
         """
         original = self.module.weight.detach()
         if self.weight is not None:
@@ -111,7 +112,9 @@ class LayerFold:
         return folded
 
 
-_CHUNK = 1 << 18  # float64 elements per pass (2 MiB)
+# float64 elements per pass: torch's grain size, below which an op runs on one thread. Thousands
+# of small serial passes cost a few ms; parallel ones stall whenever the thread pool waits on a busy core.
+_CHUNK = 1 << 15
 
 
 def _scratch(scratch: dict, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
