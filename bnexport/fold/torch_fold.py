@@ -63,14 +63,22 @@ def fold_module(module: nn.Module, *, example: tuple[tuple, dict] | None = None)
 
 
 def apply_plan(module: nn.Module, plan: Plan, tensor_slots) -> nn.Module:
-    """A deep copy of ``module`` with the plan's changes; the tensors the plan replaces are not copied."""
+    """A deep copy of ``module`` with the plan's changes; nothing the plan replaces is copied.
+
+    A BN that leaves nothing behind enters the copy as its ``nn.Identity`` directly (through
+    deepcopy's memo, so it is not copied first); the tensors of folded layers and norm-act
+    modules are skipped the same way.
+    """
     memo: dict[int, object] = {}
     for fold in plan.layers.values():
         for tensor in (fold.module.weight, fold.module.bias):
             if tensor is not None:
                 memo[id(tensor)] = None
-    for path in plan.removed:
+    for path, form in plan.removed.items():
         bn = module.get_submodule(path)
+        if form.remainder is None:
+            memo[id(bn)] = nn.Identity().train(bn.training)
+            continue
         for tensor in [*bn._parameters.values(), *bn._buffers.values()]:
             if tensor is not None and tensor_slots[id(tensor)] == 1:
                 memo[id(tensor)] = None
@@ -81,12 +89,13 @@ def apply_plan(module: nn.Module, plan: Plan, tensor_slots) -> nn.Module:
         layer.weight = nn.Parameter(fold.folded_weight(scratch), requires_grad=original.requires_grad)
         layer.bias = nn.Parameter(fold.bias.to(original.dtype), requires_grad=original.requires_grad)
     for path, form in plan.removed.items():
-        parent_path, _, name = path.rpartition(".")
-        parent = copied.get_submodule(parent_path)
-        old = getattr(parent, name)
-        new = nn.Identity() if form.remainder is None else _remainder(old, form.remainder)
-        new.training = old.training  # its children (dropout, activation) keep their own modes
-        setattr(parent, name, new)
+        if form.remainder is not None:
+            parent_path, _, name = path.rpartition(".")
+            parent = copied.get_submodule(parent_path)
+            old = getattr(parent, name)
+            new = _remainder(old, form.remainder)
+            new.training = old.training  # its children (dropout, activation) keep their own modes
+            setattr(parent, name, new)
     for path, graph in plan.rewritten.items():
         owner = copied.get_submodule(path)
         owner.__class__ = _rewritten_class(type(owner), _forward(owner, graph))

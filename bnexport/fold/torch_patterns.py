@@ -100,13 +100,13 @@ class LayerFold:
         if self.weight is not None:
             return self.weight.to(original.dtype)
         scale = _output_channel_view(self.scale, original, self.kind, self.groups)
-        folded = torch.empty_like(original)
+        folded = original.clone()  # one parallel pass touches the new memory; the serial passes below then stay in cache
         rows = max(1, _CHUNK // max(1, original[0].numel()))
         buffer = _scratch(scratch, (rows, *original.shape[1:]), original.device)
         for start in range(0, len(original), rows):
             stop = min(start + rows, len(original))
             chunk = buffer[: stop - start]
-            chunk.copy_(original[start:stop])
+            chunk.copy_(folded[start:stop])
             chunk.mul_(scale[start:stop])
             folded[start:stop].copy_(chunk)
         return folded
