@@ -455,34 +455,55 @@ def onnx_drilldown(reference, candidate, inputs: np.ndarray | Feeds, *,
     return first_divergence(pairs, tolerance=tolerance)
 
 
-def module_intermediates(graph_module: torch.fx.GraphModule, inputs: np.ndarray) -> dict[str, np.ndarray]:
-    """Every fx node's tensor output, by node name."""
-    import torch
+def module_intermediates(module: torch.nn.Module, inputs: tuple[tuple, dict], *, seed: int = 0) -> dict[str, np.ndarray]:
+    """Every module's tensor output on ``inputs`` ((args, kwargs)), by module path, in the order they finish.
 
+    A module called more than once gets ``path#2``, ``path#3``... for its later calls. The random
+    generator is reseeded first, so Dropout in train mode draws the same masks in both models.
+    """
     values: dict[str, np.ndarray] = {}
+    handles = []
 
-    class Recorder(torch.fx.Interpreter):
-        def run_node(self, node):
-            result = super().run_node(node)
-            if isinstance(result, torch.Tensor):
-                values[node.name] = result.detach().numpy()
-            return result
+    def record(path):
+        def hook(module, args, output):
+            if isinstance(output, torch.Tensor) and output.is_floating_point():
+                key, index = path, 1
+                while key in values:
+                    index += 1
+                    key = f"{path}#{index}"
+                values[key] = output.detach().to(device="cpu", dtype=torch.float64).numpy()
+        return hook
 
-    with torch.no_grad():
-        Recorder(graph_module).run(torch.from_numpy(inputs))
+    for path, sub in module.named_modules():
+        handles.append(sub.register_forward_hook(record(path or "(model)")))
+    args, kwargs = inputs
+    devices = sorted({t.device.index or 0 for t in [*args, *kwargs.values()] if isinstance(t, torch.Tensor) and t.is_cuda})
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            torch.manual_seed(seed)
+            module(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
     return values
 
 
-def module_drilldown(reference: torch.fx.GraphModule, candidate: torch.fx.GraphModule, inputs: np.ndarray, *,
-                     equivalent: dict[str, str] | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE) -> Divergence | None:
-    """Compare fx nodes in the candidate's order; ``equivalent`` maps a candidate node to the reference
-    node whose output it now computes (a layer that absorbed the BN after it)."""
+def module_drilldown(reference: torch.nn.Module, candidate: torch.nn.Module, inputs: tuple[tuple, dict], *,
+                     equivalent: dict[str, str | None] | None = None, tolerance: Tolerance = DEFAULT_TOLERANCE,
+                     seed: int = 0) -> Divergence | None:
+    """Compare module outputs in the candidate's order; ``equivalent`` maps a candidate module to the reference
+    module whose output it now computes (a layer that absorbed the BN after it), or to None where no
+    reference module's output is comparable (a BN removed before its layer)."""
     equivalent = equivalent or {}
-    expected = module_intermediates(reference, inputs)
-    got = module_intermediates(candidate, inputs)
+    expected = module_intermediates(reference, inputs, seed=seed)
+    got = module_intermediates(candidate, inputs, seed=seed)
     pairs = []
-    for node in candidate.graph.nodes:
-        source = equivalent.get(node.name, node.name)
-        if node.op in ("call_module", "call_function", "call_method") and node.name in got and source in expected:
-            pairs.append((str(node.target), source, expected[source], got[node.name]))
+    for key, value in got.items():
+        path, _, call = key.partition("#")
+        source = equivalent.get(path, path)
+        if source is None:
+            continue
+        source_key = f"{source}#{call}" if call else source
+        if source_key in expected:
+            pairs.append((path, source, expected[source_key], value))
     return first_divergence(pairs, tolerance=tolerance)

@@ -24,6 +24,7 @@ REASON_CODES = {
     "in_function": "the BN sits inside a model-local function",
     "unsupported_layer": "the neighbour is a linear layer whose fold would be inexact (e.g. BN before ConvTranspose)",
     "dtype": "the tensor's dtype has no exact fold here",
+    "untraceable": "torch.fx cannot trace the forward that calls the BN (or the BN's own), so its neighbours are unknown",
 }
 
 

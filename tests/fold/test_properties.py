@@ -112,9 +112,16 @@ def test_module_fold_is_exact_or_kept(case: Case):
     model = case.build()
     folded, report = fold_module(model, example_input=torch.zeros(case.input_shape))  # check=True raises on a miss
     assert [r.status for r in report.records] == ["folded" if case.foldable else "kept"]
+    assert type(folded) is nn.Sequential  # the user's own class, not an fx.GraphModule
+    bn_index, layer_index = (0, 1) if case.bn_first else (1, 0)
+    bn_keys = {k for k in model.state_dict() if k.startswith(f"{bn_index}.")}
     if case.foldable:
         assert report.parity["passed"]
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
+        # state-dict keys change only where the BN was removed, plus the bias a bias-less layer gains
+        assert set(folded.state_dict()) == (set(model.state_dict()) - bn_keys) | {f"{layer_index}.bias"}
+    else:
+        assert set(folded.state_dict()) == set(model.state_dict())
     x = _inputs(case)
     with torch.no_grad():
         expected, got = model(torch.from_numpy(x)).numpy(), folded(torch.from_numpy(x)).numpy()

@@ -2,12 +2,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+from torch.overrides import TorchFunctionMode
 
 from bnexport.errors import BnexportError, CheckFailed
 from bnexport.fold import fold_module
-from bnexport.fold import torch_fold
+from bnexport.fold import torch_patterns
 from bnexport.model import ModelSpec, SimpleCNN, count_batchnorm
 from fold.models import EVERYTHING_INPUT, Everything, randomize_bn, relative_error
 
@@ -44,6 +46,7 @@ def test_every_pattern_in_one_module():
     ]
     reasons = {r.batchnorm: r.reason for r in report.kept}
     assert "zero padding" in reasons["bn_relu"] and "track_running_stats=False" in reasons["bn_batch"]
+    assert {r.batchnorm: r.reason_code for r in report.kept} == {"bn_relu": "zero_padding", "bn_batch": "training_mode"}
     assert count_batchnorm(folded) == 2
     assert report.parity["passed"] and report.parity["input_shape"] == list(EVERYTHING_INPUT)
     x = torch.randn(5, *EVERYTHING_INPUT[1:]) * 3
@@ -70,15 +73,13 @@ def test_fold_equals_torch_fusion_oracle(layer, bn_cls):
     torch.testing.assert_close(ours.bias, oracle.bias, rtol=1e-6, atol=1e-6)
 
 
-def test_grouped_conv_transpose_where_torch_fusion_fails():
+def test_grouped_conv_transpose():
     model = randomize_bn(nn.Sequential(nn.ConvTranspose2d(8, 12, 3, stride=2, groups=4), nn.BatchNorm2d(12)))
     folded, report = fold_module(model, example_input=torch.zeros(1, 8, 5, 5))
     assert report.records[0].status == "folded" and count_batchnorm(folded) == 0
     x = torch.randn(2, 8, 5, 5)
     with torch.no_grad():
         assert relative_error(model(x), folded(x)) < 1e-6
-    with pytest.raises(RuntimeError):  # pytorch#180995: fusion scales the wrong axis for groups > 1
-        fuse_conv_bn_eval(model[0], model[1], transpose=True)(x)
 
 
 class BnBeforeLayers(nn.Module):
@@ -138,18 +139,15 @@ class SharedConv(nn.Module):
         return self.bn_a(self.conv(x)) + self.bn_b(self.conv(x * 2))
 
 
-def test_shared_conv_gets_one_fold_per_site():
+def test_shared_conv_keeps_both_bns():
+    """One conv module cannot hold two different folds: both BNs stay, and the numbers are the original's."""
     model = randomize_bn(SharedConv())
     x = torch.randn(2, 3, 8, 8)
-    folded, report = fold_module(model, check=False)
-    assert [r.status for r in report.records] == ["folded", "folded"]
-    assert len({r.folded_into for r in report.records}) == 2
+    folded, report = fold_module(model, example_input=x)
+    assert [(r.status, r.reason_code) for r in report.records] == [("kept", "multiple_consumers")] * 2
+    assert "called at 2 sites" in report.records[0].reason
     with torch.no_grad():
-        torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
-    # the case torch.fx's own fuse gets wrong, which is why this test exists
-    from torch.fx.experimental.optimization import fuse
-    with torch.no_grad():
-        assert (fuse(model)(x) - model(x)).abs().max() > 1e-2
+        assert torch.equal(folded(x), model(x))
 
 
 class SharedConvAfterBn(nn.Module):
@@ -165,12 +163,11 @@ class SharedConvAfterBn(nn.Module):
 
 def test_shared_conv_after_two_bns():
     model = randomize_bn(SharedConvAfterBn())
-    folded, report = fold_module(model, example_input=torch.zeros(1, 3, 4, 4))
-    assert [(r.status, r.position) for r in report.records] == [("folded", "before"), ("folded", "before")]
-    assert len({r.folded_into for r in report.records}) == 2 and count_batchnorm(folded) == 0
     x = torch.randn(2, 3, 4, 4)
+    folded, report = fold_module(model, example_input=x)
+    assert [(r.status, r.reason_code) for r in report.records] == [("kept", "multiple_consumers")] * 2
     with torch.no_grad():
-        assert relative_error(model(x), folded(x)) < 1e-5
+        assert torch.equal(folded(x), model(x))
 
 
 class ConvFeedsTwo(nn.Module):
@@ -224,16 +221,13 @@ def test_no_batchnorm_folds_to_itself():
 
 def test_a_wrong_fold_is_caught_and_the_layer_named(monkeypatch):
     """A deliberately broken fold of one layer: the check fails and the drill-down names that layer."""
-    real = torch_fold.fold_layer_bn
+    real = torch_patterns.bn_scale_shift_of
 
-    def broken(layer, bn, *, bn_name=""):
-        folded = real(layer, bn, bn_name=bn_name)
-        if bn_name == "bn_up":
-            with torch.no_grad():
-                folded.bias.add_(0.5)
-        return folded
+    def broken(stats, *, name):
+        scale, shift = real(stats, name=name)
+        return (scale, shift + 0.5) if name == "bn_up" else (scale, shift)
 
-    monkeypatch.setattr(torch_fold, "fold_layer_bn", broken)
+    monkeypatch.setattr(torch_patterns, "bn_scale_shift_of", broken)
     with pytest.raises(CheckFailed, match="first diverging layer: up") as caught:
         fold_module(randomize_bn(Everything()), example_input=torch.zeros(EVERYTHING_INPUT))
     report = caught.value.report
@@ -254,10 +248,360 @@ class TiedWeight(nn.Module):
         return self.bn(self.conv(x)) + self.conv.weight.sum()
 
 
-def test_weight_read_directly_survives_the_fold():
+def test_weight_read_directly_keeps_the_bn():
+    """The conv's weight is also read directly: folding would change that read, so the BN stays."""
     model = randomize_bn(TiedWeight())
-    folded, report = fold_module(model, example_input=torch.zeros(1, 2, 3, 3))
-    assert report.records[0].status == "folded"
     x = torch.randn(2, 2, 3, 3)
+    folded, report = fold_module(model, example_input=x)
+    assert (report.records[0].status, report.records[0].reason_code) == ("kept", "multiple_consumers")
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+
+
+# BatchNorms of every class, and the copy being the user's own class ---------------------
+
+class CountBatchNorm(TorchFunctionMode):
+    """Counts the batch_norm calls a forward executes, however they are reached."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (F.batch_norm, torch.batch_norm):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def executed_batch_norms(module, *args, **kwargs) -> int:
+    with torch.no_grad(), CountBatchNorm() as counter:
+        module(*args, **kwargs)
+    return counter.calls
+
+
+class ScaledBN(nn.BatchNorm2d):
+    """A subclass with its own forward: BN, then a scale and an activation with parameters."""
+
+    def __init__(self, channels):
+        super().__init__(channels)
+        self.act = nn.PReLU(channels)
+
+    def forward(self, x):
+        return self.act(super().forward(x) * 2)
+
+
+class BnAct(nn.BatchNorm2d):
+    """timm's BatchNormAct2d, as user code writes it: F.batch_norm on its own buffers, then dropout and activation."""
+
+    def __init__(self, channels, p=0.0):
+        super().__init__(channels)
+        self.drop = nn.Dropout(p)
+        self.act = nn.Hardswish()
+
+    def forward(self, x):
+        assert x.ndim == 4
+        x = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return self.act(self.drop(x))
+
+
+class Net(nn.Module):
+    """Convs followed by BNs of several classes, with a method and an attribute of its own."""
+
+    def __init__(self, norm_layers):
+        super().__init__()
+        self.features = nn.Sequential(*[m for i, norm in enumerate(norm_layers)
+                                        for m in (nn.Conv2d(3 if i == 0 else 4, 4, 3, bias=i % 2 == 0), norm(4))])
+        self.head = nn.Linear(4, 2)
+        self.label = "mine"
+
+    def forward(self, x):
+        return self.head(self.features(x).mean((2, 3)))
+
+    def describe(self) -> str:
+        return f"{self.label}: {len(self.features)} layers"
+
+
+def _frozen(channels):
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    return FrozenBatchNorm2d(channels)
+
+
+def _sync(channels):
+    return nn.SyncBatchNorm(channels)
+
+
+@pytest.mark.parametrize("norm", [ScaledBN, BnAct, _frozen, _sync], ids=["subclass", "bn-act", "frozen", "sync"])
+def test_every_batchnorm_class_folds(norm):
+    model = randomize_bn(Net([norm, norm]))
+    if norm is _frozen:  # FrozenBatchNorm2d holds its statistics as plain buffers
+        g = torch.Generator().manual_seed(3)
+        for m in model.modules():
+            if type(m).__name__ == "FrozenBatchNorm2d":
+                m.running_mean.copy_(torch.randn(4, generator=g))
+                m.running_var.copy_(torch.rand(4, generator=g) + 0.5)
+                m.weight.copy_(torch.rand(4, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(4, generator=g))
+    x = torch.randn(2, 3, 9, 9)
+    folded, report = fold_module(model, example_input=x)
+    assert [(r.batchnorm, r.status, r.folded_into) for r in report.records] == [
+        ("features.1", "folded", "features.0"), ("features.3", "folded", "features.2")]
+    assert report.parity["passed"]
     with torch.no_grad():
         assert relative_error(model(x), folded(x)) < 1e-6
+    assert executed_batch_norms(folded, x) == 0 and (norm is _frozen or executed_batch_norms(model, x) == 2)
+    # the user's class, its method and attribute; the activation and its parameters stay where they were
+    assert type(folded) is Net and folded.describe() == "mine: 4 layers"
+    removed = {k for k in model.state_dict() if k.startswith(("features.1.", "features.3."))
+               and not k.startswith(("features.1.act.", "features.3.act."))}
+    gained = {"features.2.bias"}  # the bias-less conv gained one
+    assert set(folded.state_dict()) == (set(model.state_dict()) - removed) | gained
+
+
+def test_timm_batchnorm_act_folds_and_keeps_its_activation():
+    timm_layers = pytest.importorskip("timm.layers")
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 6, 3), timm_layers.BatchNormAct2d(6, act_layer=nn.SiLU),
+                                       nn.Conv2d(6, 6, 1), timm_layers.BatchNormAct2d(6, apply_act=False)))
+    x = torch.randn(2, 3, 8, 8)
+    folded, report = fold_module(model, example_input=x)
+    assert [r.status for r in report.records] == ["folded", "folded"]
+    assert isinstance(folded[1].act, nn.SiLU) and not isinstance(folded[1], nn.modules.batchnorm._BatchNorm)
+    assert isinstance(folded[3], nn.Identity)  # no activation, no dropout: nothing left
+    assert executed_batch_norms(folded, x) == 0
+    with torch.no_grad():
+        assert relative_error(model(x), folded(x)) < 1e-6
+    # its frozen twin computes x · s + t by hand, then the activation
+    frozen = nn.Sequential(nn.Conv2d(3, 6, 3), timm_layers.FrozenBatchNormAct2d(6, act_layer=nn.ReLU)).eval()
+    with torch.no_grad():
+        for name in ("running_mean", "running_var", "weight", "bias"):
+            getattr(frozen[1], name).copy_(getattr(model[1], name))
+    folded, report = fold_module(frozen, example_input=x)
+    assert report.records[0].status == "folded" and isinstance(folded[1].act, nn.ReLU)
+    with torch.no_grad():
+        assert relative_error(frozen(x), folded(x)) < 1e-6
+
+
+class FunctionalBN(nn.Module):
+    """F.batch_norm on the module's own buffers, after a conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 5, 3)
+        for name, value in (("mean", torch.randn(5)), ("var", torch.rand(5) + 0.5), ("gamma", torch.rand(5) + 0.5),
+                            ("beta", torch.randn(5))):
+            self.register_buffer(name, value)
+
+    def forward(self, x):
+        return torch.relu(F.batch_norm(self.conv(x), self.mean, self.var, self.gamma, self.beta, False, 0.1, 1e-3))
+
+    def channels(self) -> int:
+        return self.conv.out_channels
+
+
+def test_functional_batch_norm_on_buffers_folds():
+    torch.manual_seed(0)
+    model = nn.Sequential(FunctionalBN(), nn.Flatten()).eval()
+    x = torch.randn(2, 3, 6, 6)
+    folded, report = fold_module(model, example_input=x)
+    assert [(r.batchnorm, r.status, r.folded_into) for r in report.records] == [("F.batch_norm(0.mean)", "folded", "0.conv")]
+    assert executed_batch_norms(model, x) == 1 and executed_batch_norms(folded, x) == 0
+    assert isinstance(folded[0], FunctionalBN) and folded[0].channels() == 5
+    with torch.no_grad():
+        assert relative_error(model(x), folded(x)) < 1e-6
+    oracle = fuse_conv_bn_eval(model[0].conv, _as_bn(model[0]))
+    torch.testing.assert_close(folded[0].conv.weight, oracle.weight, rtol=1e-6, atol=1e-7)
+
+
+def _as_bn(module: FunctionalBN) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(5, eps=1e-3).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(module.mean), bn.running_var.copy_(module.var)
+        bn.weight.copy_(module.gamma), bn.bias.copy_(module.beta)
+    return bn
+
+
+class DataDependent(nn.Module):
+    """A forward fx cannot trace (a branch on a tensor's value) around traceable blocks."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU())
+        self.other = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.conv = nn.Conv2d(4, 4, 1)
+        self.bn = nn.BatchNorm2d(4)  # called by the untraceable forward itself: its neighbour is unknown
+
+    def forward(self, x):
+        y = self.block(x) if x.sum() > 0 else self.other(x)
+        return self.bn(self.conv(y))
+
+
+def test_data_dependent_control_flow_folds_inside():
+    model = randomize_bn(DataDependent())
+    x = torch.randn(2, 3, 6, 6).abs()
+    folded, report = fold_module(model, example_input=x)
+    decisions = {r.batchnorm: (r.status, r.folded_into, r.reason_code) for r in report.records}
+    assert decisions == {"block.1": ("folded", "block.0", None), "other.1": ("folded", "other.0", None),
+                         "bn": ("kept", None, "untraceable")}
+    assert "the model (DataDependent)" in report.kept[0].reason and "control flow" in report.kept[0].reason
+    with torch.no_grad():
+        assert relative_error(model(x), folded(x)) < 1e-6
+        assert relative_error(model(-x), folded(-x)) < 1e-6  # the other branch
+
+
+def test_untraceable_parent_calling_a_traced_child_layer_directly():
+    """A conv inside a traced block that the untraceable parent also calls: folding it would change that call."""
+
+    class Parent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            if x.sum() > 0:
+                return self.block(x) + self.block[0](x)
+            return x
+
+    model = randomize_bn(Parent())
+    x = torch.rand(1, 3, 4, 4)
+    folded, report = fold_module(model, example_input=x)
+    assert (report.records[0].status, report.records[0].reason_code) == ("kept", "multiple_consumers")
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+
+
+def test_dropout_in_train_mode_stays_in_train_mode():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), BnAct(4, p=0.5), nn.Flatten(), nn.Dropout(0.3)))
+    model[1].drop.train()
+    model[3].train()
+    folded, report = fold_module(model, example_input=torch.zeros(2, 3, 5, 5))  # the check reseeds dropout per run
+    assert report.parity["passed"] and report.records[0].status == "folded"
+    assert folded[1].drop.training and folded[3].training and not folded[0].training
+    assert model[1].drop.training and not model[1].training
+
+
+class TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))
+        self.b = nn.Sequential(nn.Linear(6, 4), nn.BatchNorm1d(4))
+
+    def forward(self, image, vector, scale: float = 1.0):
+        return self.a(image).mean((2, 3)) * scale, self.b(vector)
+
+
+@pytest.mark.parametrize("form", ["tuple", "dict"])
+def test_tuple_and_dict_example_inputs(form):
+    model = randomize_bn(TwoInputs())
+    image, vector = torch.zeros(2, 3, 5, 5), torch.zeros(3, 6)
+    inputs = (image, vector) if form == "tuple" else {"image": image, "vector": vector, "scale": 2.0}
+    folded, report = fold_module(model, example_inputs=inputs)
+    assert [r.status for r in report.records] == ["folded", "folded"]  # Linear → BN1d needs the shapes
+    assert [r["name"] for r in report.parity["results"]] == ["folded output 0", "folded output 1"]
+    assert report.parity["input_shape"] == [[2, 3, 5, 5], [3, 6]]
+    x, v = torch.randn(2, 3, 5, 5), torch.randn(3, 6)
+    with torch.no_grad():
+        for expected, got in zip(model(x, v), folded(x, v)):
+            assert relative_error(expected, got) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_check_follows_the_dtype(dtype):
+    from bnexport.config import tolerance_for
+
+    model = randomize_bn(Net([nn.BatchNorm2d, nn.BatchNorm2d])).to(dtype)
+    folded, report = fold_module(model, input_shape=(2, 3, 9, 9))
+    name = str(dtype).removeprefix("torch.")
+    assert report.parity["passed"] and report.parity["results"][0]["rtol"] == tolerance_for(name).rtol
+    assert folded.features[0].weight.dtype == dtype and folded.features[2].bias.dtype == dtype
+    if dtype == torch.float64:  # float64 maths, one rounding: equal to the oracle's float64 fusion
+        oracle = fuse_conv_bn_eval(model.features[0], model.features[1])
+        torch.testing.assert_close(folded.features[0].weight, oracle.weight, rtol=1e-14, atol=1e-15)
+
+
+def test_a_bad_example_names_the_module_it_failed_in():
+    model = randomize_bn(TwoInputs())
+    with pytest.raises(BnexportError, match=r"'b\.0' \(Linear\) raised"):
+        fold_module(model, example_inputs=(torch.zeros(2, 3, 5, 5), torch.zeros(3, 7)))
+
+
+def test_untraceable_batchnorm_subclass_is_kept_and_named():
+    class Odd(nn.BatchNorm2d):
+        def forward(self, x):
+            return super().forward(x) if x.sum() > 0 else x
+
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 1), Odd(4)))
+    folded, report = fold_module(model, example_input=torch.zeros(1, 3, 4, 4))
+    record = report.records[0]
+    assert (record.batchnorm, record.status, record.reason_code) == ("1", "kept", "untraceable")
+    assert "Odd" in record.reason and "control flow" in record.reason
+
+
+def test_modulelist_under_an_untraceable_forward_names_the_caller():
+    class Looped(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.ModuleList([nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)])
+            self.tail = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+
+        def forward(self, x):
+            for block in self.blocks:
+                x = block(x) if x.mean() > -10 else x
+            return self.tail(x)
+
+    model = randomize_bn(Looped())
+    x = torch.randn(1, 3, 4, 4)
+    folded, report = fold_module(model, example_input=x)
+    decisions = {r.batchnorm: (r.status, r.reason_code) for r in report.records}
+    assert decisions == {"tail.1": ("folded", None), "blocks.1": ("kept", "untraceable")}
+    assert "the model (Looped)" in report.records[1].reason
+    with torch.no_grad():
+        assert relative_error(model(x), folded(x)) < 1e-6
+
+
+def test_every_kept_record_has_a_known_reason_code():
+    from bnexport.fold import REASON_CODES
+
+    cases = [(Everything(), torch.zeros(EVERYTHING_INPUT)), (DataDependent(), torch.ones(1, 3, 4, 4)),
+             (SharedConv(), torch.zeros(1, 3, 4, 4))]
+    for model, x in cases:
+        model = randomize_bn(model)
+        _, report = fold_module(model, example_input=x, check=False)
+        assert report.kept and all(r.reason_code in REASON_CODES and r.reason for r in report.kept)
+
+
+def test_identity_and_eval_dropout_between_bn_and_layer():
+    """As in an ONNX export, an eval-mode Dropout or an Identity between BN and layer does not stop the fold."""
+    model = randomize_bn(nn.Sequential(nn.Linear(6, 5), nn.Identity(), nn.BatchNorm1d(5), nn.Dropout(0.2), nn.Linear(5, 3),
+                                       nn.BatchNorm1d(3), nn.Dropout(0.5)))
+    x = torch.zeros(4, 6)
+    folded, report = fold_module(model, example_input=x)
+    assert [(r.batchnorm, r.folded_into, r.position) for r in report.folded] == [("2", "0", "after"), ("5", "4", "after")]
+    model[3].train()  # a training Dropout is not the identity: BN → Dropout → Linear is not a fold
+    model[0].bias.requires_grad_(False)
+    _, report = fold_module(nn.Sequential(model[2], model[3], model[4]), example_input=torch.zeros(4, 5), check=False)
+    assert report.records[0].status == "kept"
+
+
+class LinearNorm(nn.Module):
+    """LeViT's Linear → flatten(0, 1) → BatchNorm1d → reshape back."""
+
+    def __init__(self, features):
+        super().__init__()
+        self.linear = nn.Linear(6, features, bias=False)
+        self.bn = nn.BatchNorm1d(features)
+
+    def forward(self, x):
+        x = self.linear(x)
+        return self.bn(x.flatten(0, 1)).reshape_as(x)
+
+
+def test_linear_reshape_batchnorm_folds():
+    model = randomize_bn(LinearNorm(5))
+    x = torch.zeros(2, 7, 6)
+    folded, report = fold_module(model, example_input=x)
+    assert [(r.batchnorm, r.status, r.folded_into) for r in report.records] == [("bn", "folded", "linear")]
+    x = torch.randn(3, 4, 6)
+    with torch.no_grad():
+        assert relative_error(model(x), folded(x)) < 1e-6
+    _, report = fold_module(model, check=False)  # without shapes the BN's rank is unknown: kept
+    assert report.records[0].reason_code == "shape_mismatch"
