@@ -461,6 +461,8 @@ def module_intermediates(module: torch.nn.Module, inputs: tuple[tuple, dict], *,
     A module called more than once gets ``path#2``, ``path#3``... for its later calls. The random
     generator is reseeded first, so Dropout in train mode draws the same masks in both models.
     """
+    import torch
+
     values: dict[str, np.ndarray] = {}
     handles = []
 
