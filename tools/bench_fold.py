@@ -49,6 +49,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bnexport.tables import format_table  # noqa: E402
+
 INPUT = (1, 3, 64, 64)
 TARGETS = {  # the speed each ratio must reach: (baseline, bnexport, "≥" or "≤", bound)
     "onnxsim ÷ bnexport ONNX fold": ("ONNX: onnxsim", "ONNX: bnexport", "≥", 8.0),
@@ -59,15 +61,6 @@ PROCESS_TARGETS = {"inspect": 1.5, "fold": 2.0}  # bnexport's process time ÷ th
 
 def onnx_bytes(model: onnx.ModelProto) -> bytes:
     return model.SerializeToString()
-
-
-def format_table(rows: list[tuple]) -> str:
-    """Plain left-aligned columns; the first row is the header."""
-    cells = [[str(c) for c in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
 
 
 def short_error(err: BaseException) -> str:

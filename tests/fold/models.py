@@ -8,7 +8,9 @@ import warnings
 import numpy as np
 import onnx
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -127,3 +129,16 @@ def ort_run(model: onnx.ModelProto, inputs: np.ndarray) -> np.ndarray:
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: inputs})[0]
+
+
+class CountBatchNorm(TorchFunctionMode):
+    """Counts the batch_norm calls a forward executes, however they are reached."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in (F.batch_norm, torch.batch_norm):
+            self.calls += 1
+        return func(*args, **(kwargs or {}))

@@ -21,8 +21,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 timm = pytest.importorskip("timm")
 
@@ -30,7 +28,7 @@ if __name__ == "__main__":  # run as a script: make `fold.models` importable as 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnexport.fold import fold_module, fold_onnx  # noqa: E402
-from fold.models import count_bn_nodes, export_dynamo_onnx, randomize_bn, relative_error  # noqa: E402
+from fold.models import CountBatchNorm, count_bn_nodes, export_dynamo_onnx, randomize_bn, relative_error  # noqa: E402
 
 MODELS = [
     "resnet18", "resnet50d", "efficientnet_b0", "mobilenetv3_small_100", "mobilenetv3_large_100", "regnetx_002",
@@ -55,19 +53,6 @@ def build(name: str) -> torch.nn.Module:
 def example(name: str, seed: int = 5) -> torch.Tensor:
     shape = INPUTS.get(name, (1, 3, 64, 64))
     return torch.from_numpy(np.random.default_rng(seed).standard_normal(shape).astype(np.float32))
-
-
-class CountBatchNorm(TorchFunctionMode):
-    """Counts the batch_norm calls a forward executes, however they are reached."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (F.batch_norm, torch.batch_norm):
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
 
 
 def executed_batch_norms(module: torch.nn.Module, x: torch.Tensor) -> tuple[int, torch.Tensor]:

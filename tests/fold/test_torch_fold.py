@@ -5,13 +5,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
-from torch.overrides import TorchFunctionMode
 
 from bnexport.errors import BnexportError, CheckFailed
 from bnexport.fold import fold_module
 from bnexport.fold import torch_patterns
 from bnexport.model import ModelSpec, SimpleCNN, count_batchnorm
-from fold.models import EVERYTHING_INPUT, Everything, randomize_bn, relative_error
+from fold.models import EVERYTHING_INPUT, CountBatchNorm, Everything, randomize_bn, relative_error
 
 
 def test_simplecnn_folds_and_matches():
@@ -259,19 +258,6 @@ def test_weight_read_directly_keeps_the_bn():
 
 
 # BatchNorms of every class, and the copy being the user's own class ---------------------
-
-class CountBatchNorm(TorchFunctionMode):
-    """Counts the batch_norm calls a forward executes, however they are reached."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in (F.batch_norm, torch.batch_norm):
-            self.calls += 1
-        return func(*args, **(kwargs or {}))
-
 
 def executed_batch_norms(module, *args, **kwargs) -> int:
     with torch.no_grad(), CountBatchNorm() as counter:
