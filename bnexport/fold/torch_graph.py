@@ -37,12 +37,23 @@ _PLAIN_FORWARDS = (_BatchNorm.forward, nn.SyncBatchNorm.forward)
 _RANKS = ((nn.BatchNorm1d, 2), (nn.BatchNorm2d, 4), (nn.BatchNorm3d, 5))
 
 
+def pads_same_dynamically(module: nn.Module) -> bool:
+    """timm's ``Conv2dSame`` (TensorFlow's 'SAME' padding): its forward zero-pads the input by an amount
+    that depends on the input's size, then runs ``F.conv2d`` with its stored weight and bias. So a BN
+    after it folds like any conv's, and a BN before it meets zero padding."""
+    cls = type(module)
+    return cls.__name__ == "Conv2dSame" and cls.__module__.startswith("timm.") and isinstance(module, nn.Conv2d)
+
+
 def layer_kind(module: nn.Module) -> str | None:
     """'conv', 'transposed' or 'linear' for a layer whose forward is torch's own; None for anything else.
 
     A subclass with its own forward (weight standardisation, dynamic padding) may not compute
-    ``w ⊛ x + b`` with its stored weight, so it is not a layer a BN folds into.
+    ``w ⊛ x + b`` with its stored weight, so it is not a layer a BN folds into; the one known
+    exception is ``pads_same_dynamically``.
     """
+    if pads_same_dynamically(module):
+        return "conv"
     for types, kind in ((CONV_TYPES, "conv"), (TRANSPOSED_TYPES, "transposed"), (LINEAR_TYPES, "linear")):
         for base in types:
             if isinstance(module, base):
@@ -51,6 +62,12 @@ def layer_kind(module: nn.Module) -> str | None:
                             and getattr(cls, "_conv_forward", None) is getattr(base, "_conv_forward", None))
                 return kind if standard else None
     return None
+
+
+def is_layer_subclass(module: nn.Module) -> bool:
+    """A Conv, ConvTranspose or Linear of any class, holding no BatchNorm: tracing stops at it, so that a
+    forward fx cannot trace (dynamic padding) does not make its caller untraceable."""
+    return isinstance(module, LAYER_TYPES) and not any(is_batchnorm(sub) for sub in module.modules())
 
 
 def is_batchnorm(module: nn.Module) -> bool:
@@ -69,7 +86,7 @@ class BnTracer(fx.Tracer):
     """fx's tracer with every BatchNorm and every layer as a leaf, so each is one ``call_module`` node."""
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        return is_batchnorm(m) or layer_kind(m) is not None or super().is_leaf_module(m, module_qualified_name)
+        return is_batchnorm(m) or is_layer_subclass(m) or super().is_leaf_module(m, module_qualified_name)
 
 
 class ChildrenAsLeaves(BnTracer):

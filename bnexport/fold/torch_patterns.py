@@ -32,7 +32,7 @@ from ..errors import BnexportError
 from .maths import bn_scale_shift, fold_into_input_channels, invalid_statistics
 from .report import FOLDED, KEPT, FoldRecord
 from .torch_graph import (Analysis, BnForm, BnStats, ChildrenAsLeaves, Observation, Part, batch_norm_arguments, bn_form,
-                          is_batchnorm, layer_kind, module_label, observe)
+                          LAYER_TYPES, is_batchnorm, layer_kind, module_label, observe, pads_same_dynamically)
 
 
 @dataclass
@@ -174,8 +174,9 @@ def output_channels(layer: nn.Module) -> int:
 
 
 def pads_zeros(conv: nn.Module) -> bool:
-    """True when the conv adds zeros around its input (the default ``padding_mode='zeros'`` with padding > 0)."""
-    return conv.padding_mode == "zeros" and any(conv._reversed_padding_repeated_twice)
+    """True when the conv adds zeros around its input (the default ``padding_mode='zeros'`` with padding > 0,
+    or 'SAME' padding computed at each call)."""
+    return pads_same_dynamically(conv) or (conv.padding_mode == "zeros" and any(conv._reversed_padding_repeated_twice))
 
 
 class Folder:
@@ -242,6 +243,9 @@ class Folder:
             if why is None:
                 return self._fold_after(site, producer, layer, reshaped=reshaped)
             reasons.append(why)
+        elif _is_layer_call(producer, site.part):
+            reasons.append(("unsupported_layer", f"input comes from {_describe(producer, site.part)}, a layer subclass "
+                                                 f"with its own forward, which may not compute w ⊛ x + b with its weight"))
         else:
             reasons.append(("no_linear_neighbour", f"input comes from {_describe(producer, site.part)}, "
                                                    f"not a Conv, ConvTranspose or Linear"))
@@ -473,6 +477,10 @@ def _value_users(node: fx.Node) -> list[fx.Node]:
                 and user.args[1] in ("shape", "ndim", "dtype", "device"))
 
     return [user for user in node.users if not shape_only(user)]
+
+
+def _is_layer_call(node, part: Part) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_module" and isinstance(part.modules[node.target], LAYER_TYPES)
 
 
 def _kept(site: Site, code: str, reason: str) -> FoldRecord:

@@ -108,7 +108,8 @@ def test_light_zoo_graph_with_random_weights_matches_ort(name):
     assert max(relative_errors(reference, run(folded, feeds))) < 1e-5
 
 
-# PaddleOCR's ONNX files, as the rapidocr-onnxruntime wheel ships them (a test extra): the
+# PaddleOCR's ONNX files, as the rapidocr-onnxruntime wheel ships them (optional, not a test extra: its
+# dependencies include OpenCV; `pip install --no-deps rapidocr-onnxruntime` is enough here): the
 # detector has ConvTranspose → Add(per-channel constant) → BN.
 PADDLE_OCR = {"ch_PP-OCRv4_det_infer": ((3, 0), [1, 3, 224, 224]), "ch_PP-OCRv4_rec_infer": ((6, 0), [1, 3, 48, 160]),
               "ch_ppocr_mobile_v2.0_cls_infer": ((35, 0), [1, 3, 48, 192])}

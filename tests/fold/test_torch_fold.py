@@ -591,3 +591,49 @@ def test_linear_reshape_batchnorm_folds():
         assert relative_error(model(x), folded(x)) < 1e-6
     _, report = fold_module(model, check=False)  # without shapes the BN's rank is unknown: kept
     assert report.records[0].reason_code == "shape_mismatch"
+
+
+class StandardisedConv(nn.Conv2d):
+    """Weight standardisation: the stored weight is normalised at each call, so scaling it changes nothing."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean(dim=(1, 2, 3), keepdim=True)) / (w.std(dim=(1, 2, 3), keepdim=True) + 1e-5)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class DynamicPadConv(nn.Conv2d):
+    """Pads by an amount computed from the input's size: fx cannot trace it, but its caller still traces."""
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = F.pad(x, (0, 1, 0, 1))
+        return super().forward(x)
+
+
+def test_layer_subclass_with_its_own_forward_is_not_folded_into_and_does_not_block_its_caller():
+    model = randomize_bn(nn.Sequential(StandardisedConv(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                       DynamicPadConv(4, 5, 3), nn.BatchNorm2d(5), nn.Conv2d(5, 6, 3, padding=1), nn.BatchNorm2d(6)))
+    x = torch.randn(2, 3, 9, 9)
+    folded, report = fold_module(model, example_inputs=(x,))
+    by_name = {r.batchnorm: r for r in report.records}
+    assert (by_name["1"].status, by_name["1"].reason_code) == ("kept", "unsupported_layer")
+    assert (by_name["4"].status, by_name["4"].reason_code) == ("kept", "unsupported_layer")  # and zero padding after it
+    assert by_name["6"].status == "folded"  # the Sequential traces although DynamicPadConv's forward does not
+    with torch.no_grad():
+        assert relative_error(model(x), folded(x)) < 1e-6
+
+
+def test_timm_same_padding_conv_folds_the_bn_after_it_and_keeps_the_one_before():
+    timm_layers = pytest.importorskip("timm.layers")
+    model = randomize_bn(nn.Sequential(timm_layers.Conv2dSame(3, 4, 3, stride=2), nn.BatchNorm2d(4),
+                                       timm_layers.Conv2dSame(4, 5, 3)))
+    x = torch.randn(1, 3, 11, 11)
+    folded, report = fold_module(model, example_inputs=(x,))
+    assert [(r.batchnorm, r.status, r.folded_into) for r in report.records] == [("1", "folded", "0")]
+    with torch.no_grad():
+        assert relative_error(model(x), folded(x)) < 1e-6
+    # BN → Conv2dSame alone: the dynamic zero padding makes the fold before it inexact
+    _, report = fold_module(randomize_bn(nn.Sequential(nn.BatchNorm2d(3), timm_layers.Conv2dSame(3, 4, 3))),
+                            example_inputs=(x,))
+    assert report.records[0].reason_code == "zero_padding"
