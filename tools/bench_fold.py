@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
+import importlib.util
 import io
 import json
 import math
@@ -195,9 +196,34 @@ def fx_fuse(module: nn.Module, example: torch.Tensor) -> nn.Module:
     return fuse(module)
 
 
+def aimet_onnx_fold(model: onnx.ModelProto) -> onnx.ModelProto:
+    """AIMET's ONNX fold; it rewrites its input, so the time includes one copy of the model."""
+    from aimet_onnx.batch_norm_fold import fold_all_batch_norms_to_weight
+
+    folded = onnx.ModelProto.FromString(model.SerializeToString())
+    fold_all_batch_norms_to_weight(folded)
+    return folded
+
+
+def aimet_torch_fold(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    """AIMET's module fold; it folds in place, so the time includes one deep copy (as fx.fuse's does)."""
+    try:
+        from aimet_torch.batch_norm_fold import fold_all_batch_norms
+    except ImportError:
+        from aimet_torch.v2.batch_norm_fold import fold_all_batch_norms
+    folded = copy.deepcopy(module)
+    fold_all_batch_norms(folded, tuple(example.shape), dummy_input=example)
+    return folded
+
+
 ONNX_TOOLS = {"bnexport": ours_onnx, "onnxsim": onnxsim_simplify, "onnxslim": onnxslim_slim,
               "onnxoptimizer": onnxoptimizer_fuse, "ORT fusion": ort_fusion}
 MODULE_TOOLS = {"bnexport": ours_module, "fx.fuse": fx_fuse}
+# AIMET is an optional baseline (aimet-onnx, aimet-torch): its rows appear where it is installed
+if importlib.util.find_spec("aimet_onnx") is not None:
+    ONNX_TOOLS["aimet_onnx"] = aimet_onnx_fold
+if importlib.util.find_spec("aimet_torch") is not None:
+    MODULE_TOOLS["aimet_torch"] = aimet_torch_fold
 
 
 # measuring -----------------------------------------------------------------------------
