@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import numpy as np
 import torch
 
-from ..config import DEFAULT_SEED, Tolerance, tolerance_for
+from ..config import DEFAULT_SEED, MACHINE_EPSILON, Tolerance, tolerance_for
 from ..errors import BnexportError
 from .checks import raise_check_failed
 from .report import FoldReport
@@ -133,11 +134,83 @@ def _check_module(module, folded, report: FoldReport, example: Example, equivale
         name = "folded" if len(expected) == 1 else f"folded output {index}"
         parity.results.append(compare(name, _numpy(reference), _numpy(candidate), tolerance=tolerance))
     report.parity = parity.to_json()
+    if not parity.passed and _within_own_rounding(module, report, example, inputs, expected, got, seed=seed):
+        return
     if not parity.passed:
         divergence = module_drilldown(module, folded, inputs, equivalent=equivalent, tolerance=tolerance, seed=seed)
         failing = [r for r in parity.results if not r.passed]
         raise_check_failed(report, dataclasses.replace(parity, results=failing + [r for r in parity.results if r.passed]),
                            divergence)
+
+
+# The float64 fold must match the float64 model to FLOAT64_FOLD_RTOL of its output's scale, or, for a
+# model that amplifies rounding by A (its own error in its dtype over that dtype's ε), to 100·A·ε64,
+# but never looser than FLOAT64_FOLD_RTOL_MAX: a wrong fold misses by a good part of the scale.
+FLOAT64_FOLD_RTOL = 1e-9
+FLOAT64_FOLD_RTOL_MAX = 1e-6
+
+
+def _within_own_rounding(module, report: FoldReport, example: Example, inputs: Example, expected, got, *,
+                         seed: int) -> bool:
+    """Whether a fold that missed the tolerance is exact, and the miss is the model's own rounding.
+
+    Some models (deep nets with random weights, above all) amplify rounding so much that their
+    float32 output is itself far from what the same model computes in float64; the folded copy,
+    whose weights are rounded differently, then differs from the unfolded one by as much, and
+    no tolerance tells a wrong fold from that. So: the same fold is made on a float64 copy and
+    must match it (same BatchNorms folded, to the tolerance above), and the folded
+    copy must be no further from the float64 model than twice the unfolded one is. Both hold
+    for an exact fold; a wrong one fails the first. ``report.parity`` records the numbers.
+    """
+    from ..parity import compare
+
+    if dtype_name(module, example) == "float64":
+        return False
+    try:
+        model64 = copy.deepcopy(module).double()
+        inputs64 = _as_float64(inputs)
+        folded64, report64, _ = _fold_module(model64, example=_as_float64(example))
+        exact = run_outputs(model64, inputs64, seed=seed)
+        exact_folded = run_outputs(folded64, inputs64, seed=seed)
+    except Exception:  # a module that cannot run in float64 (a custom kernel, a dtype-specific op): no verdict
+        return False
+    if [r.batchnorm for r in report64.folded] != [r.batchnorm for r in report.folded] or len(exact) != len(got):
+        return False
+    rows = []
+    for reference, unfolded, candidate, candidate64 in zip(exact, expected, got, exact_folded):
+        ref = _numpy(reference)
+        fold_error = compare("float64 fold", ref, _numpy(candidate64)).max_rel
+        own_error = compare("unfolded", ref, _numpy(unfolded)).max_rel
+        folded_error = compare("folded", ref, _numpy(candidate)).max_rel
+        amplification = own_error / MACHINE_EPSILON.get(dtype_name(module, example), MACHINE_EPSILON["float32"])
+        allowed = min(FLOAT64_FOLD_RTOL_MAX, max(FLOAT64_FOLD_RTOL, 100 * amplification * MACHINE_EPSILON["float64"]))
+        if not fold_error <= allowed or not folded_error <= 2 * own_error:
+            return False
+        rows.append({"float64_fold_vs_float64": fold_error, "unfolded_vs_float64": own_error,
+                     "folded_vs_float64": folded_error})
+    report.parity["passed"] = True
+    report.parity["within_own_rounding"] = rows
+    worst = max(rows, key=lambda row: row["unfolded_vs_float64"])
+    report.notes.append(
+        f"the model amplifies rounding: unfolded, it is {worst['unfolded_vs_float64']:.2g} of scale from the same model "
+        f"in float64, and the folded copy {worst['folded_vs_float64']:.2g}; the same fold in float64 matches to "
+        f"{worst['float64_fold_vs_float64']:.1g}, so the fold is exact and the difference is rounding")
+    return True
+
+
+def _as_float64(example: Example) -> Example:
+    def convert(value):
+        if isinstance(value, torch.Tensor):
+            return value.double() if value.is_floating_point() else value
+        if isinstance(value, dict):
+            return {k: convert(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            items = [convert(v) for v in value]
+            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
+        return value
+
+    args, kwargs = example
+    return tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:

@@ -637,3 +637,52 @@ def test_timm_same_padding_conv_folds_the_bn_after_it_and_keeps_the_one_before()
     _, report = fold_module(randomize_bn(nn.Sequential(nn.BatchNorm2d(3), timm_layers.Conv2dSame(3, 4, 3))),
                             example_inputs=(x,))
     assert report.records[0].reason_code == "zero_padding"
+
+
+class Cancelling(nn.Module):
+    """Two nearly equal branches subtracted: the output is 1e-5 of each branch, so float32 rounding of
+    the branches (and of their folded weights) is about 1e-2 of the output, far past any float32 tolerance."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv_a, self.conv_b = nn.Conv2d(3, 4, 3), nn.Conv2d(3, 4, 3)
+        self.bn_a, self.bn_b = nn.BatchNorm2d(4), nn.BatchNorm2d(4)
+        with torch.no_grad():
+            self.conv_b.weight.copy_(self.conv_a.weight * (1 + 1e-5))
+            self.conv_b.bias.copy_(self.conv_a.bias)
+
+    def forward(self, x):
+        x = 1000 * x  # outputs well above the check's atol
+        return self.bn_a(self.conv_a(x)) - self.bn_b(self.conv_b(x))
+
+
+def _cancelling() -> nn.Module:
+    model = randomize_bn(Cancelling())
+    model.bn_b.load_state_dict(model.bn_a.state_dict())
+    return model
+
+
+def test_a_model_that_amplifies_rounding_passes_when_the_float64_fold_is_exact():
+    model, x = _cancelling(), torch.randn(2, 3, 8, 8)
+    folded, report = fold_module(model, example_inputs=(x,))
+    assert len(report.folded) == 2
+    (rounding,) = report.parity["within_own_rounding"]
+    assert report.parity["passed"] and not report.parity["results"][0]["passed"]  # missed the float32 tolerance
+    # the independent oracle: the model and the folded copy in float64
+    with torch.no_grad():
+        exact = model.double()(x.double())
+        folded64 = fold_module(model, example_inputs=(x.double(),), check=False)[0](x.double())
+    assert relative_error(exact, folded64) < 1e-9
+    assert rounding["unfolded_vs_float64"] > 1e-4 and "amplifies rounding" in report.notes[0]
+
+
+def test_a_wrong_fold_of_a_model_that_amplifies_rounding_still_fails(monkeypatch):
+    real = torch_patterns.bn_scale_shift_of
+
+    def broken(stats, *, name):
+        scale, shift = real(stats, name=name)
+        return (scale, shift + 1e-3) if name == "bn_a" else (scale, shift)
+
+    monkeypatch.setattr(torch_patterns, "bn_scale_shift_of", broken)
+    with pytest.raises(CheckFailed):
+        fold_module(_cancelling(), example_inputs=(torch.randn(2, 3, 8, 8),))
