@@ -17,11 +17,15 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
 
 from .artifacts import atomic_path
 from .config import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs
+    import torch
 
 # dynamo=True is the maintained exporter; optimize=False keeps BatchNormalization nodes.
 ONNX_EXPORT_OPTIONS = {"dynamo": True, "optimize": False, "external_data": False}

@@ -17,12 +17,16 @@ import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .config import DEFAULT_TOLERANCE, INPUT_NAME, MACHINE_EPSILON, Tolerance
 from .errors import BnexportError, first_line
 from .tables import format_table
+
+if TYPE_CHECKING:  # annotations only: torch is imported where it runs
+    import torch
 
 Feeds = dict[str, np.ndarray]
 Outputs = dict[str, np.ndarray]

@@ -89,26 +89,35 @@ def input_tensors(value) -> list[torch.Tensor]:
     return []
 
 
-def seeded_inputs(example: Example, *, seed: int) -> Example:
-    """The example's structure with each float tensor redrawn from N(0, 1), input i with seed ``seed + i``."""
-    counter = iter(range(1 << 30))
-
-    def redraw(value):
+def map_tensors(example: Example, convert) -> Example:
+    """The example's structure (tuples, lists, named tuples, dicts) with each tensor replaced by ``convert(tensor)``,
+    called in order."""
+    def walk(value):
         if isinstance(value, torch.Tensor):
-            index = next(counter)
-            if not value.is_floating_point():
-                return value.clone()
-            data = np.random.default_rng(seed + index).standard_normal(tuple(value.shape))
-            return torch.from_numpy(data).to(dtype=value.dtype, device=value.device)
+            return convert(value)
         if isinstance(value, dict):
-            return {k: redraw(v) for k, v in value.items()}
+            return {k: walk(v) for k, v in value.items()}
         if isinstance(value, (tuple, list)):
-            items = [redraw(v) for v in value]
+            items = [walk(v) for v in value]
             return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
         return value
 
     args, kwargs = example
-    return tuple(redraw(a) for a in args), {k: redraw(v) for k, v in kwargs.items()}
+    return tuple(walk(a) for a in args), {k: walk(v) for k, v in kwargs.items()}
+
+
+def seeded_inputs(example: Example, *, seed: int) -> Example:
+    """The example's structure with each float tensor redrawn from N(0, 1), input i with seed ``seed + i``."""
+    counter = iter(range(1 << 30))
+
+    def redraw(value: torch.Tensor) -> torch.Tensor:
+        index = next(counter)
+        if not value.is_floating_point():
+            return value.clone()
+        data = np.random.default_rng(seed + index).standard_normal(tuple(value.shape))
+        return torch.from_numpy(data).to(dtype=value.dtype, device=value.device)
+
+    return map_tensors(example, redraw)
 
 
 def run_outputs(module: torch.nn.Module, example: Example, *, seed: int) -> list[torch.Tensor]:
@@ -199,18 +208,7 @@ def _within_own_rounding(module, report: FoldReport, example: Example, inputs: E
 
 
 def _as_float64(example: Example) -> Example:
-    def convert(value):
-        if isinstance(value, torch.Tensor):
-            return value.double() if value.is_floating_point() else value
-        if isinstance(value, dict):
-            return {k: convert(v) for k, v in value.items()}
-        if isinstance(value, (tuple, list)):
-            items = [convert(v) for v in value]
-            return type(value)(*items) if hasattr(value, "_fields") else type(value)(items)
-        return value
-
-    args, kwargs = example
-    return tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}
+    return map_tensors(example, lambda t: t.double() if t.is_floating_point() else t)
 
 
 def _numpy(tensor: torch.Tensor) -> np.ndarray:
