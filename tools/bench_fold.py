@@ -50,6 +50,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import coverage_fold  # noqa: E402  (beside this file)
 from bnexport.tables import format_table  # noqa: E402
 
 INPUT = (1, 3, 64, 64)
@@ -141,89 +142,21 @@ def zoo_models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
 
 # the tools -----------------------------------------------------------------------------
 
-def ours_onnx(model: onnx.ModelProto) -> onnx.ModelProto:
-    from bnexport.fold import fold_onnx
-
-    return fold_onnx(model, check=False)[0]
-
-
-def onnxoptimizer_fuse(model: onnx.ModelProto) -> onnx.ModelProto:
-    import onnxoptimizer
-
-    return onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])
+def _copying(fold):
+    """A module fold that folds in place, run on a deep copy (as fx.fuse copies): the input stays as it was."""
+    return lambda module, example: fold(copy.deepcopy(module), example)
 
 
-def onnxslim_slim(model: onnx.ModelProto) -> onnx.ModelProto:
-    import onnxslim
-
-    return onnxslim.slim(model)
-
-
-def onnxsim_simplify(model: onnx.ModelProto) -> onnx.ModelProto:
-    import onnxsim
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return onnxsim.simplify(model)[0]
+def _installed(tools: dict, *, copy_first: tuple[str, ...] = ()) -> dict:
+    """coverage_fold's tools whose package is installed: a baseline that is not installed is no row."""
+    return {name: (_copying(tool) if name in copy_first else tool) for name, tool in tools.items()
+            if importlib.util.find_spec(coverage_fold.TOOL_PACKAGES[name]) is not None}
 
 
-def ort_fusion(model: onnx.ModelProto) -> onnx.ModelProto:
-    """ONNX Runtime's own basic-level rewrites (Conv+BN fusion among them), saved back as ONNX."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as folder:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-        options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
-        options.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return onnx.load(options.optimized_model_filepath)
-
-
-def ours_module(module: nn.Module, example: torch.Tensor) -> nn.Module:
-    import inspect
-
-    from bnexport.fold import fold_module
-
-    parameters = inspect.signature(fold_module).parameters
-    keyword = {"example_inputs": (example,)} if "example_inputs" in parameters else {"example_input": example}
-    return fold_module(module, check=False, **keyword)[0]
-
-
-def fx_fuse(module: nn.Module, example: torch.Tensor) -> nn.Module:
-    from torch.fx.experimental.optimization import fuse
-
-    return fuse(module)
-
-
-def aimet_onnx_fold(model: onnx.ModelProto) -> onnx.ModelProto:
-    """AIMET's ONNX fold; it rewrites its input, so the time includes one copy of the model."""
-    from aimet_onnx.batch_norm_fold import fold_all_batch_norms_to_weight
-
-    folded = onnx.ModelProto.FromString(model.SerializeToString())
-    fold_all_batch_norms_to_weight(folded)
-    return folded
-
-
-def aimet_torch_fold(module: nn.Module, example: torch.Tensor) -> nn.Module:
-    """AIMET's module fold; it folds in place, so the time includes one deep copy (as fx.fuse's does)."""
-    try:
-        from aimet_torch.batch_norm_fold import fold_all_batch_norms
-    except ImportError:
-        from aimet_torch.v2.batch_norm_fold import fold_all_batch_norms
-    folded = copy.deepcopy(module)
-    fold_all_batch_norms(folded, tuple(example.shape), dummy_input=example)
-    return folded
-
-
-ONNX_TOOLS = {"bnexport": ours_onnx, "onnxsim": onnxsim_simplify, "onnxslim": onnxslim_slim,
-              "onnxoptimizer": onnxoptimizer_fuse, "ORT fusion": ort_fusion}
-MODULE_TOOLS = {"bnexport": ours_module, "fx.fuse": fx_fuse}
-# AIMET is an optional baseline (aimet-onnx, aimet-torch): its rows appear where it is installed
-if importlib.util.find_spec("aimet_onnx") is not None:
-    ONNX_TOOLS["aimet_onnx"] = aimet_onnx_fold
-if importlib.util.find_spec("aimet_torch") is not None:
-    MODULE_TOOLS["aimet_torch"] = aimet_torch_fold
+# one definition of each tool, shared with tools/coverage_fold.py; AIMET (aimet-onnx, aimet-torch) is optional
+ONNX_TOOLS = _installed(coverage_fold.ONNX_TOOLS)
+MODULE_TOOLS = _installed(coverage_fold.TORCH_TOOLS, copy_first=("aimet_torch",))
+ours_onnx, ours_module = ONNX_TOOLS["bnexport"], MODULE_TOOLS["bnexport"]
 
 
 # measuring -----------------------------------------------------------------------------
