@@ -121,6 +121,7 @@ def test_bad_launch_variables(env, fragment):
 
 # Real process groups: gloo on 127.0.0.1 -----------------------------------------------------
 
+@pytest.mark.distributed
 def test_all_reduce_merge_and_recalibration_on_two_ranks(tmp_path):
     result = torchrun(REPO / "tests" / "distributed_worker.py", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -157,6 +158,7 @@ def two_rank_run(tmp_path_factory) -> tuple[Path, CommandResult]:
     return out, result
 
 
+@pytest.mark.distributed
 def test_two_ranks_train_and_export(two_rank_run):
     out, result = two_rank_run
     summary = read_json(out / "summary.json")
@@ -175,6 +177,7 @@ def test_two_ranks_train_and_export(two_rank_run):
     assert history["epoch_end_step"] == [4, 8] and len(history["step_loss"]) == 8
 
 
+@pytest.mark.distributed
 def test_every_rank_ends_with_the_checkpoints_buffers(two_rank_run):
     out, _ = two_rank_run
     fingerprints = read_json(out / "summary.json")["replicas"]["bn_fingerprints"]
@@ -184,6 +187,7 @@ def test_every_rank_ends_with_the_checkpoints_buffers(two_rank_run):
     assert state_fingerprint(model) == fingerprints[0]
 
 
+@pytest.mark.distributed
 def test_two_rank_checkpoint_resumes_on_one_process(two_rank_run, tmp_path):
     out, _ = two_rank_run
     resumed = run_bnexport("train", *TINY, "--epochs", "3", "--max-steps", "4", "--resume", out / "checkpoint.pt",
@@ -197,6 +201,7 @@ def test_two_rank_checkpoint_resumes_on_one_process(two_rank_run, tmp_path):
     assert "replicas" not in read_json(tmp_path / "summary.json")  # a plain one-process run again
 
 
+@pytest.mark.distributed
 def test_two_rank_resume_continues_step_for_step(two_rank_run, tmp_path):
     """Pooling at every epoch's end leaves all ranks equal at the boundary, so a checkpoint
     resumed on the same number of ranks continues exactly as the uninterrupted run."""
@@ -213,6 +218,7 @@ def test_two_rank_resume_continues_step_for_step(two_rank_run, tmp_path):
     assert straight["history"]["step_loss"] == resumed["history"]["step_loss"]
 
 
+@pytest.mark.distributed
 def test_two_ranks_recalibrate_bn_gives_exact_statistics(tmp_path):
     result = torchrun("-m", "bnexport", "train", *TINY, "--epochs", "1", "--max-steps", "3", "--recalibrate-bn",
                       "--out", tmp_path)
@@ -239,6 +245,7 @@ def finish(process: subprocess.Popen, timeout: float) -> tuple[int, str, str, fl
     return process.returncode, stdout, stderr, time.monotonic() - started
 
 
+@pytest.mark.distributed
 def test_inconsistent_world_size_stops_every_rank(tmp_path):
     port = free_port()
     args = ["train", *TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path, "--dist-timeout", "60"]
@@ -250,6 +257,7 @@ def test_inconsistent_world_size_stops_every_rank(tmp_path):
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.distributed
 def test_ranks_started_with_different_arguments_stop_together(tmp_path):
     port = free_port()
     args = ["train", *TINY, "--epochs", "1", "--max-steps", "2", "--out", tmp_path, "--dist-timeout", "60"]
@@ -261,6 +269,7 @@ def test_ranks_started_with_different_arguments_stop_together(tmp_path):
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
+@pytest.mark.distributed
 @pytest.mark.parametrize("peer", ["dies", "hangs"])
 def test_a_lost_peer_stops_the_others_within_the_timeout(tmp_path, peer):
     port = free_port()
@@ -290,6 +299,7 @@ def test_sync_bn_on_cpu_explains_the_merge(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.distributed
 def test_sync_bn_on_cpu_under_torchrun(tmp_path):
     result = torchrun("-m", "bnexport", "train", *TINY, "--sync-bn", "--out", tmp_path / "out", timeout=120)
     assert result.returncode != 0

@@ -137,6 +137,7 @@ def test_model_without_batchnorm(tmp_path):
     assert "no BatchNorm layers" in (tmp_path / "figures" / "bn_layer_histograms.svg").read_text()
 
 
+@pytest.mark.browser
 def test_report_renders_in_chromium(tiny_run):
     with chromium_page() as (page, console):
         page.goto((tiny_run / ARTIFACTS.report).resolve().as_uri())

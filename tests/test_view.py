@@ -127,6 +127,7 @@ def netron_node_count(page, url: str, op_type: str) -> tuple[int, int]:
     return page.locator("#canvas g.node").count(), page.locator("#canvas g.node", has_text=op_type).count()
 
 
+@pytest.mark.browser
 def test_netron_shows_batchnorm_only_before_folding(served):
     with chromium_page() as (page, _console):
         unfolded = netron_node_count(page, served[0].url, "BatchNormalization")
