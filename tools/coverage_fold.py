@@ -538,16 +538,11 @@ def run_onnx_row(row: str, model: onnx.ModelProto, tools: list[str], rec: Record
     serialized = model.SerializeToString()
     bounded = probability_outputs(model)
     for tool in tools:
-        rec.write(row=row, tool=tool, start=True)
-        started = time.perf_counter()
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-                warnings.simplefilter("ignore")
-                output = ONNX_TOOLS[tool](onnx.ModelProto.FromString(serialized))  # some tools edit their input
-        except BaseException as err:  # noqa: BLE001 a baseline failing is a finding, whatever it raises
-            rec.write(row=row, tool=tool, result={"status": "fails", "reason": first_line(err), "total": total})
+        # a copy each: some tools edit their input
+        ran = _run_tool(rec, row, tool, total, lambda: ONNX_TOOLS[tool](onnx.ModelProto.FromString(serialized)))
+        if ran is None:
             continue
-        seconds = time.perf_counter() - started
+        output, seconds = ran
         remaining = count_onnx_bn(output)
         checker = None
         try:
@@ -565,6 +560,20 @@ def run_onnx_row(row: str, model: onnx.ModelProto, tools: list[str], rec: Record
         rec.write(row=row, tool=tool, result=result)
 
 
+def _run_tool(rec: "Recorder", row: str, tool: str, total: int, fold):
+    """(the tool's output, its seconds), or None after recording the failure as the tool's cell."""
+    rec.write(row=row, tool=tool, start=True)
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
+            warnings.simplefilter("ignore")
+            output = fold()
+    except BaseException as err:  # noqa: BLE001 a baseline failing is a finding, whatever it raises
+        rec.write(row=row, tool=tool, result={"status": "fails", "reason": first_line(err), "total": total})
+        return None
+    return output, time.perf_counter() - started
+
+
 def run_torch_row(row: str, module, x, tools: list[str], rec: Recorder) -> int:
     import copy
 
@@ -572,16 +581,10 @@ def run_torch_row(row: str, module, x, tools: list[str], rec: Recorder) -> int:
     rtol = rtol_for("float32")
     rec.write(row=row, kind="torch", info={"bn": total, "inputs": {"x": [list(x.shape), "float32"]}, "dtype": "float32"})
     for tool in tools:
-        rec.write(row=row, tool=tool, start=True)
-        started = time.perf_counter()
-        try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr):
-                warnings.simplefilter("ignore")
-                output = TORCH_TOOLS[tool](copy.deepcopy(module), x)
-        except BaseException as err:  # noqa: BLE001
-            rec.write(row=row, tool=tool, result={"status": "fails", "reason": first_line(err), "total": total})
+        ran = _run_tool(rec, row, tool, total, lambda: TORCH_TOOLS[tool](copy.deepcopy(module), x))
+        if ran is None:
             continue
-        seconds = time.perf_counter() - started
+        output, seconds = ran
         try:
             candidate, remaining = run_module(output, x)
         except Exception as err:

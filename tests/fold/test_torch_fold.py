@@ -247,14 +247,19 @@ class TiedWeight(nn.Module):
         return self.bn(self.conv(x)) + self.conv.weight.sum()
 
 
+def assert_kept_unchanged(model, x, code: str) -> None:
+    """The first BN is kept with ``code``, and the folded copy computes exactly what the model does."""
+    folded, report = fold_module(model, example_input=x)
+    assert (report.records[0].status, report.records[0].reason_code) == ("kept", code)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
+
+
 def test_weight_read_directly_keeps_the_bn():
     """The conv's weight is also read directly: folding would change that read, so the BN stays."""
     model = randomize_bn(TiedWeight())
     x = torch.randn(2, 2, 3, 3)
-    folded, report = fold_module(model, example_input=x)
-    assert (report.records[0].status, report.records[0].reason_code) == ("kept", "multiple_consumers")
-    with torch.no_grad():
-        assert torch.equal(folded(x), model(x))
+    assert_kept_unchanged(model, x, "multiple_consumers")
 
 
 # BatchNorms of every class, and the copy being the user's own class ---------------------
@@ -449,10 +454,7 @@ def test_untraceable_parent_calling_a_traced_child_layer_directly():
 
     model = randomize_bn(Parent())
     x = torch.rand(1, 3, 4, 4)
-    folded, report = fold_module(model, example_input=x)
-    assert (report.records[0].status, report.records[0].reason_code) == ("kept", "multiple_consumers")
-    with torch.no_grad():
-        assert torch.equal(folded(x), model(x))
+    assert_kept_unchanged(model, x, "multiple_consumers")
 
 
 def test_dropout_in_train_mode_stays_in_train_mode():
