@@ -66,7 +66,7 @@ def measure(run: Callable[[], object], *, warmup: int = 3, min_runs: int = 10, m
 def bench(runners: dict[str, Runner], input_shape: tuple[int, ...], *, batches: tuple[int, ...] = (1, 64),
           model: str = "model", seed: int = DEFAULT_SEED, min_seconds: float = 0.5, min_runs: int = 10) -> BenchReport:
     """Time every runner at every batch size; the first runner is the baseline."""
-    from .parity import seeded_input
+    from .parity.compare import seeded_input
 
     baseline = next(iter(runners))
     report = BenchReport(model=model, baseline=baseline, threads=torch.get_num_threads())
@@ -83,8 +83,8 @@ def bench(runners: dict[str, Runner], input_shape: tuple[int, ...], *, batches: 
 
 def onnx_runners(unfolded: onnx.ModelProto, folded: onnx.ModelProto | None, *, threads: int | None = None) -> dict[str, Runner]:
     """ONNX Runtime (CPU) with its graph optimisations disabled and at their default, unfolded and folded."""
-    from .export import onnx_bytes
-    from .parity import onnxruntime_runner
+    from .export.writers import onnx_bytes
+    from .parity.compare import onnxruntime_runner
 
     runners = {}
     for label, model in (("unfolded", unfolded), ("folded", folded)):
@@ -98,9 +98,9 @@ def onnx_runners(unfolded: onnx.ModelProto, folded: onnx.ModelProto | None, *, t
 
 def module_runners(module: torch.nn.Module, example: torch.Tensor, *, threads: int | None = None) -> dict[str, Runner]:
     """Eager unfolded (the baseline) and folded, TorchScript folded, and ONNX Runtime on both exports."""
-    from .export import to_onnx
+    from .export.writers import to_onnx
     from .fold import fold_module, fold_onnx
-    from .parity import eager_runner
+    from .parity.compare import eager_runner
 
     folded, _ = fold_module(module, example_input=example, check=False)  # bench times; `fold` and `parity` verify
     with warnings.catch_warnings():

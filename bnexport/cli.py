@@ -198,7 +198,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def replicas_for(config: TrainConfig, args: argparse.Namespace):
     """torchrun's process group for the command's lifetime, or one plain process without torchrun."""
-    from .distributed import process_group
+    from .distributed.process_group import process_group
 
     return process_group(device=config.device, sync_bn=config.sync_bn, recalibrate_bn=config.recalibrate_bn,
                          timeout_s=args.dist_timeout)
@@ -256,7 +256,7 @@ def add_recalibrate_arguments(parser: argparse.ArgumentParser) -> None:
 def cmd_recalibrate(args: argparse.Namespace) -> int:
     """Recompute BatchNorm running statistics exactly (momentum=None, pooled in float64) over the
     checkpoint's own training data, and save them in a new checkpoint."""
-    from .recalibrate import recalibrate_checkpoint
+    from .distributed.recalibrate import recalibrate_checkpoint
 
     result = recalibrate_checkpoint(args.checkpoint, args.output, batches=args.batches, batch_size=args.batch_size,
                                     in_place=args.in_place)
@@ -270,7 +270,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
 
 def cmd_visualize(args: argparse.Namespace) -> int:
     """Draw the figures of a train-and-export run into OUT/figures and write OUT/report.html."""
-    from .visualize import update_manifest, visualize
+    from .viz.visualize import update_manifest, visualize
 
     result = visualize(args.out, checkpoint=args.checkpoint, figure_format=args.format)
     update_manifest(args.out, result)
@@ -281,7 +281,7 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 
 def cmd_view(args: argparse.Namespace) -> int:
     """Serve models in Netron on 127.0.0.1, one port each, until Ctrl-C."""
-    from . import view
+    from .viz import netron as view
 
     served = view.start(args.models, port=args.port)
     for model in served:
@@ -372,9 +372,9 @@ def cmd_fold(args: argparse.Namespace) -> int:
     """
     from .artifacts import write_json
     from .errors import CheckFailed
-    from .export import save_onnx
-    from .parity import inputs_text
-    from .sources import load_source, single_shape
+    from .export.writers import save_onnx
+    from .parity.compare import inputs_text
+    from .parity.sources import load_source, single_shape
 
     output = _fold_output(args)
     if args.report is not None:
@@ -419,8 +419,8 @@ def cmd_fold(args: argparse.Namespace) -> int:
 
 def _fold_onnx_source(args: argparse.Namespace, source, given):
     from .fold import fold_onnx
-    from .inputs import input_feeds, model_float_dtype
-    from .parity import NoKernel
+    from .parity.inputs import input_feeds, model_float_dtype
+    from .parity.compare import NoKernel
 
     if given is not None:  # a wrong --input-shape is an error even when nothing folds, so nothing is checked
         try:
@@ -448,7 +448,7 @@ def _about(path: Path, err: Exception) -> str:
 def _save_folded_module(folded, output: Path, shape: tuple[int, ...]) -> None:
     import torch
 
-    from .export import export_program, export_torchscript, save_onnx, to_onnx
+    from .export.writers import export_program, export_torchscript, save_onnx, to_onnx
 
     # a batch of 2 for the example: torch.export would specialise a batch of 1 and lose the dynamic axis
     example = torch.zeros((2, *shape[1:]))
@@ -463,7 +463,7 @@ def _save_folded_module(folded, output: Path, shape: tuple[int, ...]) -> None:
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Show an ONNX model: op counts, opset, inputs and outputs, parameters, and every BatchNormalization."""
     from .fold import load_onnx
-    from .onnx_info import describe_onnx
+    from .export.onnx_info import describe_onnx
 
     info = describe_onnx(load_onnx(args.model))
     if args.json:
@@ -475,7 +475,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def _runner(source):
     """A runner whose errors name the source's file."""
-    from .parity import eager_runner, onnxruntime_runner
+    from .parity.compare import eager_runner, onnxruntime_runner
 
     if source.kind != "onnx":
         return eager_runner(source.module)
@@ -501,9 +501,9 @@ def cmd_parity(args: argparse.Namespace) -> int:
     --atol + --rtol·max|reference| (by default the coarser model dtype's tolerance), 1 when they
     differ, 2 on bad input.
     """
-    from .inputs import seeded_feeds
-    from .parity import run_parity
-    from .sources import coarsest_dtype, load_source, parity_feeds
+    from .parity.inputs import seeded_feeds
+    from .parity.compare import run_parity
+    from .parity.sources import coarsest_dtype, load_source, parity_feeds
 
     given = given_shapes(args.input_shape)
     reference = load_source(args.reference, needs_input_shape=False)
@@ -526,7 +526,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     from .bench import bench, module_runners, onnx_runners
     from .fold import fold_onnx
-    from .sources import load_source, single_shape
+    from .parity.sources import load_source, single_shape
 
     given = single_shape(args.model, given_shapes(args.input_shape))
     source = load_source(args.model, input_shape=given)
@@ -581,7 +581,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except BnexportError as err:
-        from .distributed import DistributedFailure, SharedError, is_rank_zero
+        from .distributed.process_group import DistributedFailure, SharedError, is_rank_zero
 
         if isinstance(err, DistributedFailure):  # every rank says what it saw: the one that knows may be gone
             print(f"bnexport {args.command}: error: {err}", file=sys.stderr)

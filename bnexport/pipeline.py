@@ -15,19 +15,19 @@ import numpy as np
 import onnx
 import torch
 
-from . import export as exporters
+from .export import writers as exporters
 from .artifacts import atomic_path, library_versions, write_json, write_manifest
 from .config import ARTIFACTS, DEFAULT_TOLERANCE, PARITY_BATCH_SIZE, Tolerance, TrainConfig
 from .data import Dataset, load_for_config, parity_batch
-from .distributed import Replicas
+from .distributed.process_group import Replicas
 from .errors import BnexportError
 from .fold import FoldReport, fold_module, fold_onnx
 from .model import count_batchnorm
-from .parity import (ParityReport, eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
+from .parity.compare import (ParityReport, eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
                      run_parity, torchscript_runner)
-from .recording import TrainingRecorder, total_steps, train_twin
+from .train.recording import TrainingRecorder, total_steps, train_twin
 from .tables import format_table
-from .train import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, train
+from .train.loop import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, train
 
 FILE_DESCRIPTIONS = {
     ARTIFACTS.checkpoint: "trained weights, optimizer state, config and library versions (torch.load weights_only=True)",
@@ -249,7 +249,7 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
         onnx_ops=ops, parity_passed=parity.passed, stage_seconds=seconds, replicas=replicas_record(replicas),
     )
     write_json(out / ARTIFACTS.summary, summary.to_json())
-    from .visualize import visualize  # matplotlib is needed by this stage only, not by `train`
+    from .viz.visualize import visualize  # matplotlib is needed by this stage only, not by `train`
 
     with _timed(seconds, "visualize"):
         figures = visualize(out, figure_format=figure_format)

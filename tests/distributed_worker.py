@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from bnexport.distributed import process_group
+from bnexport.distributed.process_group import process_group
 from bnexport.model import ModelSpec, build_model
 
 SPEC = ModelSpec(in_channels=2, height=6, width=6, channels=4)
@@ -36,7 +36,7 @@ def main(out: Path) -> None:
         merged = {k: v.clone() for k, v in model.bn1.state_dict().items()}
 
         dataset = torch.randn((23, *SPEC.input_shape), generator=torch.Generator().manual_seed(7)) * 2 + 1
-        report = replicas.recalibrate(model, dataset, batch_size=4)
+        report = replicas.recompute_over_ranks(model, dataset, batch_size=4)
         torch.save({"activations": activations, "merged": merged, "spread": spread,
                     "recalibrated": {k: v.clone() for k, v in model.bn1.state_dict().items()},
                     "dataset": dataset, "report": report.to_json()}, out / f"rank{replicas.rank}.pt")

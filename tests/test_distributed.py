@@ -14,10 +14,10 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from bnexport.bnstats import Moments, merge_running_stats, pool
-from bnexport.distributed import Launch, shard_order, state_fingerprint
+from bnexport.distributed.bn_statistics import Moments, merge_running_stats, pool
+from bnexport.distributed.process_group import Launch, shard_order, state_fingerprint
 from bnexport.errors import BnexportError
-from bnexport.train import load_checkpoint, model_from_checkpoint
+from bnexport.train.loop import load_checkpoint, model_from_checkpoint
 from conftest import REPO, CommandResult, assert_one_line_error, read_json, run_bnexport
 
 # constant rate: a run cut short at epoch 1 then follows the same schedule as one planned for 2
@@ -275,7 +275,7 @@ def test_a_lost_peer_stops_the_others_within_the_timeout(tmp_path, peer):
     port = free_port()
     timeout = 6
     # rank 1 joins the group for real, then dies (no goodbye) or stops answering
-    peer_code = ("import os, time; from bnexport.distributed import process_group\n"
+    peer_code = ("import os, time; from bnexport.distributed.process_group import process_group\n"
                  f"with process_group(device='cpu', timeout_s={timeout}):\n"
                  + ("    os._exit(17)\n" if peer == "dies" else "    time.sleep(120)\n"))
     survivor = start_rank(0, 2, port, ["train", *TINY, "--epochs", "1", "--out", tmp_path, "--dist-timeout", timeout])
@@ -323,7 +323,7 @@ def test_half_a_torchrun_environment_is_refused(tmp_path):
 
 def test_sync_batchnorm_round_trip_keeps_parameters_and_buffers():
     """The module surgery behind --sync-bn, checked on the CPU (training with it needs CUDA)."""
-    from bnexport.distributed import from_sync_batchnorm, to_sync_batchnorm
+    from bnexport.distributed.process_group import from_sync_batchnorm, to_sync_batchnorm
     from bnexport.model import ModelSpec, build_model
 
     model = build_model(ModelSpec(), seed=0)
@@ -344,7 +344,7 @@ def test_sync_batchnorm_round_trip_keeps_parameters_and_buffers():
 def test_onnxruntime_cuda_runner_only_where_a_cuda_provider_works(tmp_path):
     import onnxruntime
 
-    from bnexport.parity import onnxruntime_cuda_runner
+    from bnexport.parity.compare import onnxruntime_cuda_runner
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime has a CUDA provider here; tools/gpu_check.sh checks the CUDA rows")

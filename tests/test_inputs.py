@@ -9,7 +9,7 @@ from onnx import TensorProto, helper
 
 from bnexport.config import tolerance_for
 from bnexport.errors import BnexportError
-from bnexport.inputs import input_feeds, input_specs, model_float_dtype, seeded_feeds, seeded_value
+from bnexport.parity.inputs import input_feeds, input_specs, model_float_dtype, seeded_feeds, seeded_value
 from fold.signatures import conv_bn_model, multi_input_model, relu_model
 
 

@@ -3,7 +3,7 @@ import pytest
 
 from bnexport.config import DEFAULT_ATOL, DEFAULT_RTOL, Tolerance
 from bnexport.errors import BnexportError
-from bnexport.parity import compare, compare_outputs, run_parity, seeded_input
+from bnexport.parity.compare import compare, compare_outputs, run_parity, seeded_input
 
 
 def test_metrics_on_a_constructed_case():

@@ -8,14 +8,14 @@ import pytest
 import torch
 
 from bnexport.artifacts import sha256_file
-from bnexport.bnstats import recalibrate, training_batches
+from bnexport.distributed.bn_statistics import recompute_running_stats, training_batches
 from bnexport.cli import main
 from bnexport.config import TrainConfig
 from bnexport.data import epoch_order, make_synthetic
 from bnexport.errors import BnexportError
 from bnexport.model import ModelSpec, build_model
-from bnexport.recalibrate import recalibrate_checkpoint
-from bnexport.train import load_checkpoint, model_from_checkpoint, new_state, save_checkpoint, train
+from bnexport.distributed.recalibrate import recalibrate_checkpoint
+from bnexport.train.loop import load_checkpoint, model_from_checkpoint, new_state, save_checkpoint, train
 from conftest import assert_one_line_error, run_bnexport
 
 SHAPE = (1, 10, 10)
@@ -32,7 +32,7 @@ def exact_statistics(model: torch.nn.Module, images: torch.Tensor) -> tuple[torc
 def test_recalibrate_gives_the_exact_dataset_statistics():
     images = make_synthetic(SHAPE, size=300, seed=1).train_images  # 225 images: batches of 64 leave 33 over
     model = build_model(ModelSpec.for_images(SHAPE), seed=0)
-    report = recalibrate(model, training_batches(images, torch.arange(len(images)), batch_size=64))
+    report = recompute_running_stats(model, training_batches(images, torch.arange(len(images)), batch_size=64))
     mean, var = exact_statistics(model, images)
     torch.testing.assert_close(model.bn1.running_mean.double(), mean, rtol=1e-6, atol=1e-7)
     torch.testing.assert_close(model.bn1.running_var.double(), var, rtol=1e-6, atol=1e-7)
@@ -50,7 +50,7 @@ def test_swa_update_bn_is_what_the_cumulative_average_gives():
     ours = build_model(ModelSpec.for_images(SHAPE), seed=0)
     theirs = build_model(ModelSpec.for_images(SHAPE), seed=0)
     batches = list(training_batches(images, torch.arange(len(images)), batch_size=64))
-    report = recalibrate(ours, batches)
+    report = recompute_running_stats(ours, batches)
     torch.optim.swa_utils.update_bn(batches, theirs)
     # update_bn's mean is a plain average of batch means: off only through the short last batch
     torch.testing.assert_close(theirs.bn1.running_mean, ours.bn1.running_mean, rtol=0.05, atol=0.05)
@@ -134,7 +134,7 @@ def test_recalibrate_a_model_without_batchnorm(tmp_path):
 
 
 def test_recalibrate_bn_at_the_end_of_a_one_process_run():
-    from bnexport.distributed import Replicas
+    from bnexport.distributed.process_group import Replicas
 
     config = TrainConfig(dataset="synthetic", synthetic_shape=SHAPE, synthetic_size=400, epochs=1, max_steps=2)
     data = make_synthetic(SHAPE, size=config.synthetic_size, seed=0)

@@ -4,8 +4,8 @@ import torch
 
 from bnexport.config import TrainConfig
 from bnexport.data import make_synthetic
-from bnexport.recording import MAX_RECORDED_CHANNELS, TrainingRecorder, total_steps, train_twin
-from bnexport.train import new_state, train
+from bnexport.train.recording import MAX_RECORDED_CHANNELS, TrainingRecorder, total_steps, train_twin
+from bnexport.train.loop import new_state, train
 
 CONFIG = TrainConfig(dataset="synthetic", epochs=2, max_steps=5, batch_size=32, synthetic_shape=(1, 8, 8))
 
@@ -74,7 +74,7 @@ def test_recorder_follows_a_bn_layer_swapped_during_training():
 
 
 def test_total_steps_counts_one_ranks_shard():
-    from bnexport.distributed import Replicas
+    from bnexport.distributed.process_group import Replicas
 
     data = dataset()  # 384 training samples
     config = TrainConfig(dataset="synthetic", epochs=2, batch_size=32, synthetic_shape=(1, 8, 8))

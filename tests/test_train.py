@@ -5,7 +5,7 @@ from bnexport.artifacts import sha256_file
 from bnexport.config import TrainConfig
 from bnexport.data import make_synthetic
 from bnexport.errors import BnexportError
-from bnexport.train import (History, learning_rate, load_checkpoint, model_from_checkpoint, new_state, resume_state,
+from bnexport.train.loop import (History, learning_rate, load_checkpoint, model_from_checkpoint, new_state, resume_state,
                             save_checkpoint, train)
 
 SMALL = dict(dataset="synthetic", synthetic_shape=(1, 12, 12), synthetic_size=512, batch_size=32)

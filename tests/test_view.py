@@ -9,7 +9,7 @@ import urllib.request
 
 import pytest
 
-from bnexport import view
+from bnexport.viz import netron as view
 from bnexport.errors import BnexportError
 from browser import chromium_page
 from conftest import REPO, assert_one_line_error, run_bnexport

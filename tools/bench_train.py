@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bnexport.config import TrainConfig  # noqa: E402
 from bnexport.data import epoch_generator, epoch_order, load_bundled  # noqa: E402
 from bnexport.model import ModelSpec, build_model  # noqa: E402
-from bnexport.train import learning_rate, train_one_epoch  # noqa: E402
+from bnexport.train.loop import learning_rate, train_one_epoch  # noqa: E402
 
 BATCH = 64
 
@@ -113,7 +113,7 @@ def scaling_worker(repeats: int, out: Path) -> None:
     """One rank of the --nproc measurement, started by torchrun."""
     import torch.distributed as dist
 
-    from bnexport.distributed import process_group
+    from bnexport.distributed.process_group import process_group
 
     data = load_bundled()
     images, labels = data.train_images, data.train_labels

@@ -91,8 +91,8 @@ else
 import copy, sys, torch
 from bnexport.config import TrainConfig
 from bnexport.data import make_synthetic
-from bnexport.distributed import process_group
-from bnexport.train import new_state, train
+from bnexport.distributed.process_group import process_group
+from bnexport.train.loop import new_state, train
 torch.backends.cudnn.allow_tf32 = False
 torch.backends.cuda.matmul.allow_tf32 = False
 config = TrainConfig(dataset="synthetic", synthetic_shape=(3, 32, 32), epochs=2, max_steps=20, device="cuda", sync_bn=True)

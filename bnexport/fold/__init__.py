@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from ..errors import CheckFailed
 from .onnx_file import fold_onnx, load_onnx, model_input_dtype, model_input_shape, uses_external_data
-from .report import FOLDED, KEPT, REASON_CODES, FoldRecord, FoldReport
+from .fold_report import FOLDED, KEPT, REASON_CODES, FoldRecord, FoldReport
 
 
 def __getattr__(name: str):

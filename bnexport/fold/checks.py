@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ..errors import CheckFailed
-from .report import FoldReport
+from .fold_report import FoldReport
 
 
 def raise_check_failed(report: FoldReport, parity, divergence) -> None:

@@ -17,7 +17,7 @@ from ..errors import BnexportError, first_line
 from .checks import raise_check_failed
 from .onnx_patterns import fold_graph
 from .onnx_valid import ensure_valid, structure_of
-from .report import FoldReport
+from .fold_report import FoldReport
 
 
 def load_onnx(model: onnx.ModelProto | str | Path) -> onnx.ModelProto:
@@ -103,7 +103,7 @@ def fold_onnx(
     ONNX Runtime, graph optimisations off, on seeded values for every graph input, each of its
     own dtype. ``input_shapes`` maps input names to shapes (a bare tuple, or the older
     ``input_shape``, is the shape of a model's only input); inputs left out take the model's
-    shape with dynamic dims guessed as ``bnexport.inputs.guessed_dim`` says. ``tolerance``
+    shape with dynamic dims guessed as ``bnexport.parity.inputs.guessed_dim`` says. ``tolerance``
     None follows the model's dtype (``bnexport.config.tolerance_for``). ``report.parity`` holds
     the result, with the shape and dtype of every input fed. ``stored_at`` names the file a
     ModelProto was read from, so that ONNX Runtime reads the reference from disk rather than
@@ -129,8 +129,8 @@ def fold_onnx(
 
 def _check_onnx(original, folded, report: FoldReport, shapes, *, seed: int, tolerance: Tolerance | None,
                 stored_at: Path | None) -> None:
-    from ..inputs import input_feeds, model_float_dtype, seeded_feeds
-    from ..parity import onnx_drilldown, onnxruntime_runner, run_parity
+    from ..parity.inputs import input_feeds, model_float_dtype, seeded_feeds
+    from ..parity.compare import onnx_drilldown, onnxruntime_runner, run_parity
 
     feeds = input_feeds(original, shapes)
     values = seeded_feeds(feeds, seed=seed)
@@ -155,8 +155,8 @@ def _data_inputs(model: onnx.ModelProto) -> list[onnx.ValueInfoProto]:
 
 def model_input_shape(model: onnx.ModelProto, shape: tuple[int, ...] | None = None) -> tuple[int, ...]:
     """The shape a check feeds a one-input model: ``shape`` checked against the graph's, or the
-    graph's own with dynamic dims guessed (see ``bnexport.inputs``)."""
-    from ..inputs import input_feeds
+    graph's own with dynamic dims guessed (see ``bnexport.parity.inputs``)."""
+    from ..parity.inputs import input_feeds
 
     if len(_data_inputs(model)) != 1:
         names = ", ".join(i.name for i in _data_inputs(model))
@@ -166,7 +166,7 @@ def model_input_shape(model: onnx.ModelProto, shape: tuple[int, ...] | None = No
 
 def model_input_dtype(model: onnx.ModelProto) -> np.dtype:
     """The first graph input's dtype (float32 when the model leaves it unset)."""
-    from ..inputs import input_specs, numpy_dtype
+    from ..parity.inputs import input_specs, numpy_dtype
 
     specs = input_specs(model)
     return numpy_dtype(specs[0].dtype) if specs else np.dtype(np.float32)

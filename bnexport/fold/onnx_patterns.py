@@ -40,7 +40,7 @@ from .maths import (bn_scale_shift, fold_into_input_channels, fold_into_output_c
                     invalid_statistics)
 from .onnx_graph import (CONSTANT_OPS, ONNX_DOMAINS, GraphIndex, all_names, attribute, copy_without_initializers,
                          defined_names, graph_reads, implicit_inputs, node_label, opset_version, set_attribute, subgraphs)
-from .report import FOLDED, KEPT, FoldRecord, FoldReport
+from .fold_report import FOLDED, KEPT, FoldRecord, FoldReport
 
 ABSORBED_PREFIX = "bnexport: absorbed BatchNormalization"
 

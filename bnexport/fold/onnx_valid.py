@@ -17,7 +17,7 @@ from onnx import helper
 
 from ..errors import BnexportError, first_line
 from .onnx_graph import copy_without_initializers
-from .report import FoldReport
+from .fold_report import FoldReport
 
 # initializers with more elements than this are declared by dtype and shape only
 SKELETON_MAX_ELEMENTS = 1024

@@ -11,8 +11,8 @@ import torch
 from ..config import DEFAULT_SEED, MACHINE_EPSILON, Tolerance, tolerance_for
 from ..errors import BnexportError
 from .checks import raise_check_failed
-from .report import FoldReport
-from .torch_fold import fold_module as _fold_module
+from .fold_report import FoldReport
+from .torch_rewrite import rewrite_module
 
 Example = tuple[tuple, dict]  # (args, kwargs) of one call
 
@@ -29,7 +29,7 @@ def fold_module(
 ) -> tuple[torch.nn.Module, FoldReport]:
     """Fold every BatchNorm of an eval-mode module that folds exactly; return (folded copy, report).
 
-    The copy is an instance of the module's own class (see ``torch_fold``). The inputs come
+    The copy is an instance of the module's own class (see ``torch_rewrite``). The inputs come
     from ``example_inputs``: one tensor, a tuple of positional arguments, or a dict of keyword
     arguments (``example_input`` is the single-tensor form; ``input_shape`` a float input of
     the module's dtype and device). Only their shapes, dtypes and devices are used, plus the
@@ -40,7 +40,7 @@ def fold_module(
     (``bnexport.config.tolerance_for``). Integer and bool inputs keep the example's values.
     """
     example = _example(module, example_inputs, example_input, input_shape)
-    folded, report, equivalent = _fold_module(module, example=example)
+    folded, report, equivalent = rewrite_module(module, example=example)
     if check and report.folded:
         if example is None:
             raise BnexportError("fold_module(check=True) needs example_inputs, example_input or input_shape, or check=False")
@@ -131,7 +131,7 @@ def run_outputs(module: torch.nn.Module, example: Example, *, seed: int) -> list
 
 def _check_module(module, folded, report: FoldReport, example: Example, equivalent: dict, *, seed: int,
                   tolerance: Tolerance) -> None:
-    from ..parity import ParityReport, compare, module_drilldown
+    from ..parity.compare import ParityReport, compare, module_drilldown
 
     inputs = seeded_inputs(example, seed=seed)
     expected, got = run_outputs(module, inputs, seed=seed), run_outputs(folded, inputs, seed=seed)
@@ -171,14 +171,14 @@ def _within_own_rounding(module, report: FoldReport, example: Example, inputs: E
     copy must be no further from the float64 model than twice the unfolded one is. Both hold
     for an exact fold; a wrong one fails the first. ``report.parity`` records the numbers.
     """
-    from ..parity import compare
+    from ..parity.compare import compare
 
     if dtype_name(module, example) == "float64":
         return False
     try:
         model64 = copy.deepcopy(module).double()
         inputs64 = _as_float64(inputs)
-        folded64, report64, _ = _fold_module(model64, example=_as_float64(example))
+        folded64, report64, _ = rewrite_module(model64, example=_as_float64(example))
         exact = run_outputs(model64, inputs64, seed=seed)
         exact_folded = run_outputs(folded64, inputs64, seed=seed)
     except Exception:  # a module that cannot run in float64 (a custom kernel, a dtype-specific op): no verdict

@@ -30,7 +30,7 @@ from torch.nn.utils import parametrize
 
 from ..errors import BnexportError
 from .maths import bn_scale_shift, fold_into_input_channels, invalid_statistics
-from .report import FOLDED, KEPT, FoldRecord
+from .fold_report import FOLDED, KEPT, FoldRecord
 from .torch_graph import (Analysis, BnForm, BnStats, ChildrenAsLeaves, Observation, Part, batch_norm_arguments, bn_form,
                           LAYER_TYPES, is_batchnorm, layer_kind, module_label, observe, pads_same_dynamically)
 

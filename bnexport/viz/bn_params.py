@@ -21,7 +21,7 @@ from torch import fx, nn
 
 from ..errors import BnexportError
 from ..fold.maths import bn_scale_shift, fold_into_output_channels
-from ..fold.torch_fold import CONV_TYPES, trace
+from ..fold.torch_graph import CONV_TYPES, trace
 from ..model import BN_TYPES
 from .activations import NO_BN_MESSAGE
 from .common import COLOR_BEFORE, COLOR_FLAG, message_figure, new_figure, save_figure

@@ -23,7 +23,7 @@ import onnx
 from matplotlib.lines import Line2D
 from matplotlib.patches import FancyBboxPatch, Patch
 
-from ..fold.onnx_fold import ABSORBED_PREFIX
+from ..fold.onnx_patterns import ABSORBED_PREFIX
 from .common import new_figure, save_figure
 
 # Input slots that carry a shape or a type, not data: what flows only through them is not drawn.

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..recording import BNStats
+from ..train.recording import BNStats
 from .common import COLOR_BEFORE, COLOR_EVAL, mark_epochs, message_figure, new_figure, save_figure
 
 CHANNELS_SHOWN = 4

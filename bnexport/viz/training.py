@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..recording import ACCURACY_TARGET, PROBE_IMAGES, RunCurves
+from ..train.recording import ACCURACY_TARGET, PROBE_IMAGES, RunCurves
 from .common import COLOR_WITH_BN, COLOR_WITHOUT_BN, mark_epochs, message_figure, new_figure, save_figure, smooth
 
 

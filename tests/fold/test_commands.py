@@ -11,7 +11,7 @@ from onnx import helper, numpy_helper
 
 from bnexport.artifacts import sha256_file
 from bnexport.cli import main
-from bnexport.export import op_counts, save_onnx
+from bnexport.export.writers import op_counts, save_onnx
 from conftest import assert_one_line_error, run_bnexport
 from fold.models import bn_initializers, bn_node, onnx_model
 

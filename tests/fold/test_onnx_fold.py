@@ -5,10 +5,10 @@ import torch
 from onnx import helper, numpy_helper
 
 from bnexport.errors import BnexportError, CheckFailed
-from bnexport.export import onnx_bytes, op_counts, save_onnx
+from bnexport.export.writers import onnx_bytes, op_counts, save_onnx
 from bnexport.fold import fold_onnx, load_onnx, model_input_shape, onnx_patterns
-from bnexport.fold.onnx_fold import ABSORBED_PREFIX
-from bnexport.parity import onnxruntime_runner, seeded_input
+from bnexport.fold.onnx_patterns import ABSORBED_PREFIX
+from bnexport.parity.compare import onnxruntime_runner, seeded_input
 from fold.models import (EVERYTHING_INPUT, EXPORTERS, Everything, bn_initializers, bn_node, count_bn_nodes, onnx_model,
                          ort_run, randomize_bn, relative_error)
 

@@ -517,7 +517,7 @@ def test_fold_command_writes_a_model_that_loads(build, tmp_path):
 
 
 def test_inspect_lists_batchnorms_in_subgraphs():
-    from bnexport.onnx_info import describe_onnx
+    from bnexport.export.onnx_info import describe_onnx
 
     info = describe_onnx(nested_if_model())
     assert sorted((b.name, b.foldable) for b in info.batchnorms) == [("bn_inner", True), ("bn_then", True)]

@@ -13,7 +13,7 @@ from onnx import TensorProto
 from bnexport.config import DEFAULT_TOLERANCE, Tolerance, tolerance_for
 from bnexport.errors import BnexportError, CheckFailed
 from bnexport.fold import fold_onnx
-from bnexport.parity import NoKernel, first_divergence, onnxruntime_runner
+from bnexport.parity.compare import NoKernel, first_divergence, onnxruntime_runner
 from fold.models import count_bn_nodes, relative_error
 from fold.signatures import bfloat16_gemm_model, bfloat16_io_model, conv_bn_model, multi_input_model, relu_model
 

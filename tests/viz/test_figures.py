@@ -6,8 +6,8 @@ import torch
 from PIL import Image
 
 from bnexport.model import ModelSpec, build_model
-from bnexport.recording import BNStats, LayerStats, RunCurves
-from bnexport.viz import activations, bn_layer, parity, running_stats, training
+from bnexport.train.recording import BNStats, LayerStats, RunCurves
+from bnexport.viz import activations, bn_layer, parity_errors as parity, running_stats, training
 from bnexport.viz.common import PNG_DPI, save_figure, smooth
 
 

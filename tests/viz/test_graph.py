@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from bnexport import export
+from bnexport.export import writers as export
 from bnexport.fold import fold_onnx
 from bnexport.model import ModelSpec, build_model
 from bnexport.viz.common import PNG_DPI

@@ -5,7 +5,7 @@ Under ``torchrun`` every process trains a replica on its shard of each epoch (gl
 CPU, NCCL on CUDA). DDP averages gradients, so weights stay identical; BatchNorm's running
 statistics do not, because each replica updates them from its own batches. At the end of
 every epoch they are pooled across ranks with all-reduces, by the law of total variance
-(``bnexport.bnstats``), so every rank holds the same buffers at every epoch boundary: a
+(``bnexport.distributed.bn_statistics``), so every rank holds the same buffers at every epoch boundary: a
 checkpoint or a resumed run is the same whichever rank it came from. ``--recalibrate-bn``
 instead recomputes them exactly over the training set at the end, each rank on its part.
 ``--sync-bn`` (CUDA only) converts BN layers to ``nn.SyncBatchNorm`` for training and back
@@ -33,9 +33,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .bnstats import Moments, batchnorm_layers, layer_spread, pool, recalibrate, training_batches, values_per_sample
-from .config import DEFAULT_DIST_TIMEOUT_S, DEVICES
-from .errors import BnexportError, first_line
+from .bn_statistics import Moments, batchnorm_layers, layer_spread, pool, recompute_running_stats, training_batches, values_per_sample
+from ..config import DEFAULT_DIST_TIMEOUT_S, DEVICES
+from ..errors import BnexportError, first_line
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 DEFAULT_TIMEOUT_S = DEFAULT_DIST_TIMEOUT_S
@@ -285,7 +285,7 @@ class Replicas:
             spread = self.merge_running_stats(model, batch_size=batch_size, input_shape=tuple(train_images.shape[1:]))
             self.epochs.append({"epoch": epoch + 1, "spread_before_merge": spread})
         if final and self.recalibrate_bn and batchnorm_layers(model):
-            self.recalibration = self.recalibrate(model, train_images, batch_size=batch_size).to_json()
+            self.recalibration = self.recompute_over_ranks(model, train_images, batch_size=batch_size).to_json()
         if final and self.distributed:
             self.fingerprints = self.check_identical(model)
         return losses
@@ -317,7 +317,7 @@ class Replicas:
                 layer.num_batches_tracked.copy_(self.max(layer.num_batches_tracked.detach().cpu()))
         return spreads
 
-    def recalibrate(self, model: nn.Module, train_images: torch.Tensor, *, batch_size: int):
+    def recompute_over_ranks(self, model: nn.Module, train_images: torch.Tensor, *, batch_size: int):
         """Exact statistics over the whole training set: rank r takes samples r, r + W, ...
         (no padding, so each sample counts once), and the moments are pooled over ranks."""
         mine = torch.arange(self.rank, len(train_images), self.world_size)
@@ -326,7 +326,7 @@ class Replicas:
         originals = self._sync_originals
         from_sync_batchnorm(model, originals)
         try:
-            return recalibrate(model, training_batches(train_images, mine, batch_size=batch_size), sum_over=self.sum)
+            return recompute_running_stats(model, training_batches(train_images, mine, batch_size=batch_size), sum_over=self.sum)
         finally:
             if originals:
                 to_sync_batchnorm(model)

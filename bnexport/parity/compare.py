@@ -21,9 +21,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .config import DEFAULT_TOLERANCE, INPUT_NAME, MACHINE_EPSILON, Tolerance
-from .errors import BnexportError, first_line
-from .tables import format_table
+from ..config import DEFAULT_TOLERANCE, INPUT_NAME, MACHINE_EPSILON, Tolerance
+from ..errors import BnexportError, first_line
+from ..tables import format_table
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it runs
     import torch

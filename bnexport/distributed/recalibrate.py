@@ -2,7 +2,7 @@
 
 Statistics go stale after pruning, after fine-tuning with BN frozen, or when replicas
 drifted apart; the weights are fine. This job reloads the checkpoint's model and data,
-recomputes every BN layer's statistics exactly over N batches (``bnstats.recalibrate``),
+recomputes every BN layer's statistics exactly over N batches (``bn_statistics.recompute_running_stats``),
 and writes a new checkpoint beside the old one, which it never overwrites unless asked.
 """
 
@@ -11,12 +11,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import library_versions
-from .bnstats import Recalibration, batchnorm_layers, recalibrate, training_batches
-from .data import epoch_order
-from .errors import BnexportError
-from .tables import format_table
-from .train import evaluate, reopen_checkpoint, save_payload
+from ..artifacts import library_versions
+from .bn_statistics import Recalibration, batchnorm_layers, recompute_running_stats, training_batches
+from ..data import epoch_order
+from ..errors import BnexportError
+from ..tables import format_table
+from ..train.loop import evaluate, reopen_checkpoint, save_payload
 
 
 def default_output(checkpoint: Path) -> Path:
@@ -67,7 +67,7 @@ def recalibrate_checkpoint(checkpoint: str | Path, output: str | Path | None = N
     accuracy_before = evaluate(model, dataset.test_images, dataset.test_labels)
     images = dataset.train_images
     order = epoch_order(len(images), seed=config.seed, epoch=0)
-    report = recalibrate(model, training_batches(images, order, batch_size=batch_size or config.batch_size,
+    report = recompute_running_stats(model, training_batches(images, order, batch_size=batch_size or config.batch_size,
                                                  max_batches=batches))
     model.eval()
     accuracy_after = evaluate(model, dataset.test_images, dataset.test_labels)

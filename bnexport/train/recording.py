@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 from torch import nn
 
-from .config import TrainConfig
-from .data import Dataset
-from .model import BN_TYPES
-from .train import evaluate, new_state, steps_per_epoch, train
+from ..config import TrainConfig
+from ..data import Dataset
+from ..model import BN_TYPES
+from .loop import evaluate, new_state, steps_per_epoch, train
 
 # Channels recorded per BN layer: enough for the figure, and a ResNet's 512-channel
 # layers would otherwise make bn_stats.json tens of megabytes.

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from .config import DEFAULT_SEED, MACHINE_EPSILON
-from .errors import BnexportError
+from ..config import DEFAULT_SEED, MACHINE_EPSILON
+from ..errors import BnexportError
 
 Shape = tuple[int, ...]
 Dim = int | str | None  # fixed size, name of a dynamic dim, or an unnamed dynamic dim

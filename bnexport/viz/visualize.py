@@ -15,18 +15,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .artifacts import prepare_out_dir, read_json
-from .config import ARTIFACTS, TrainConfig
-from .data import parity_batch
-from .errors import BnexportError
-from .fold import load_onnx
-from .recording import BNStats, RunCurves
-from .report import write_report
-from .tables import format_table
-from .train import History, reopen_checkpoint
-from .viz import (bn_layer, bn_params, graph, parity as parity_figures, running_stats, training,
+from ..artifacts import prepare_out_dir, read_json
+from ..config import ARTIFACTS, TrainConfig
+from ..data import parity_batch
+from ..errors import BnexportError
+from ..fold import load_onnx
+from ..train.recording import BNStats, RunCurves
+from .html_report import write_report
+from ..tables import format_table
+from ..train.loop import History, reopen_checkpoint
+from . import (bn_layer, bn_params, graph, parity_errors as parity_figures, running_stats, training,
                   activations as activation_figures)
-from .viz.common import FORMATS
+from .common import FORMATS
 
 VIZ_BATCH_SIZE = 256  # test images pushed through the model for the activation figures: ~200k values a channel
 REQUIRED = (ARTIFACTS.onnx, ARTIFACTS.onnx_folded, ARTIFACTS.fold_report, ARTIFACTS.parity, ARTIFACTS.parity_outputs)
@@ -161,7 +161,7 @@ def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_f
 
 def update_manifest(out: str | Path, result: VisualizeResult) -> dict | None:
     """Refresh manifest.json after a standalone visualize: same entries, new figures and report."""
-    from .artifacts import write_manifest
+    from ..artifacts import write_manifest
 
     out = Path(out)
     manifest_path = out / ARTIFACTS.manifest

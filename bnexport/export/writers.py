@@ -21,8 +21,8 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from .artifacts import atomic_path
-from .config import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
+from ..artifacts import atomic_path
+from ..config import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it runs
     import torch

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from .errors import BnexportError, first_line
+from ..errors import BnexportError, first_line
 
 HOST = "127.0.0.1"  # loopback only: a model is not published to the network by accident
 DEFAULT_PORT = 8080  # netron's own default

@@ -11,9 +11,9 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import INPUT_NAME, MACHINE_EPSILON
-from .errors import BnexportError
-from .fold.onnx_file import model_input_shape, read_onnx
+from ..config import INPUT_NAME, MACHINE_EPSILON
+from ..errors import BnexportError
+from ..fold.onnx_file import model_input_shape, read_onnx
 from .inputs import Feed, input_feeds, model_float_dtype
 
 
@@ -43,7 +43,7 @@ def load_source(path: str | Path, *, needs_input_shape: bool = True, input_shape
 
     ``needs_input_shape`` resolves an ONNX model's one input shape (``input_shape`` checked against
     it, or its own with dynamic dims guessed); models with several inputs resolve theirs with
-    ``bnexport.inputs.input_feeds`` instead.
+    ``bnexport.parity.inputs.input_feeds`` instead.
     """
     path = Path(path)
     if not path.exists():
@@ -51,7 +51,7 @@ def load_source(path: str | Path, *, needs_input_shape: bool = True, input_shape
     if path.is_dir():
         raise BnexportError(f"{path}: is a folder, not a model file")
     if is_checkpoint(path):
-        from .train import load_checkpoint, model_from_checkpoint
+        from ..train.loop import load_checkpoint, model_from_checkpoint
 
         module, spec = model_from_checkpoint(load_checkpoint(path), path=path)
         return Source(path, module=module, input_shape=(1, *spec.input_shape))

@@ -12,8 +12,8 @@ import shlex
 from collections.abc import Iterable
 from pathlib import Path
 
-from .artifacts import atomic_write
-from .config import ARTIFACTS
+from ..artifacts import atomic_write
+from ..config import ARTIFACTS
 
 STYLE = """
 body { font-family: "DejaVu Sans", system-ui, sans-serif; margin: 2rem auto; max-width: 1200px; padding: 0 1rem;
@@ -88,7 +88,7 @@ def view_commands(onnx_files: list[Path]) -> list[str]:
 def render_report(*, figures, health, effects, config: dict, dataset: dict, history, parity: dict, fold: dict,
                   summary: dict | None, onnx_files: list[Path]) -> str:
     """The page as a string; ``write_report`` saves it."""
-    from . import __version__
+    from .. import __version__
 
     accuracy = history.test_accuracy[-1] if history.test_accuracy else None
     parts = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",

@@ -11,9 +11,10 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import onnx
 
-from .errors import BnexportError
-from .fold.onnx_fold import GraphIndex, fold_graph, node_label
-from .tables import format_table
+from ..errors import BnexportError
+from ..fold.onnx_graph import GraphIndex, node_label
+from ..fold.onnx_patterns import fold_graph
+from ..tables import format_table
 
 
 @dataclass

@@ -16,7 +16,7 @@ into moments with M2_r = (n_r − 1)·v_r, and the pooled running_var is M2/(n �
 
 ``pool`` takes the sum over groups as a function, so the same five lines pool a stacked
 tensor in one process (``sum_stacked``) and the ranks of a process group (an all-reduce,
-in ``bnexport.distributed``).
+in ``bnexport.distributed.process_group``).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from .model import BN_TYPES
+from ..model import BN_TYPES
 
 SumOverGroups = Callable[[torch.Tensor], torch.Tensor]
 
@@ -183,7 +183,7 @@ class Recalibration:
 
 
 @torch.no_grad()
-def recalibrate(model: nn.Module, batches: Iterable[torch.Tensor], *, sum_over: SumOverGroups = sum_nothing) -> Recalibration:
+def recompute_running_stats(model: nn.Module, batches: Iterable[torch.Tensor], *, sum_over: SumOverGroups = sum_nothing) -> Recalibration:
     """Replace every BN layer's running statistics by the exact statistics of its input over ``batches``.
 
     The model runs in training mode with ``momentum=None``, as ``torch.optim.swa_utils.update_bn``

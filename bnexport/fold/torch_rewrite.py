@@ -21,14 +21,14 @@ import copy
 from torch import fx, nn
 
 from ..errors import BnexportError
-from .report import KEPT, FoldRecord, FoldReport
-from .torch_graph import CONV_TYPES, LAYER_TYPES, LINEAR_TYPES, TRANSPOSED_TYPES, analyse, is_batchnorm, module_label, trace
+from .fold_report import KEPT, FoldRecord, FoldReport
+from .torch_graph import analyse, is_batchnorm, module_label
 from .torch_patterns import Folder, Plan
 
-__all__ = ["CONV_TYPES", "LAYER_TYPES", "LINEAR_TYPES", "TRANSPOSED_TYPES", "fold_module", "trace"]
+__all__ = ["rewrite_module"]
 
 
-def fold_module(module: nn.Module, *, example: tuple[tuple, dict] | None = None) -> tuple[nn.Module, FoldReport, dict]:
+def rewrite_module(module: nn.Module, *, example: tuple[tuple, dict] | None = None) -> tuple[nn.Module, FoldReport, dict]:
     """Fold every BatchNorm that folds exactly; return (folded copy, report, drill-down map).
 
     The input module is not modified. Its BatchNorms must be in eval mode: folding freezes

@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .artifacts import atomic_path, library_versions
-from .config import TrainConfig
-from .data import Dataset, load_for_config, epoch_generator, epoch_order, random_shift
-from .distributed import Replicas
-from .errors import BnexportError, first_line
-from .model import ModelSpec, build_model
+from ..artifacts import atomic_path, library_versions
+from ..config import TrainConfig
+from ..data import Dataset, load_for_config, epoch_generator, epoch_order, random_shift
+from ..distributed.process_group import Replicas
+from ..errors import BnexportError, first_line
+from ..model import ModelSpec, build_model
 
 CHECKPOINT_FORMAT = 1
 CHECKPOINT_KEYS = ("format", "state_dict", "optimizer", "config", "model_spec", "epoch", "history", "versions")
@@ -151,7 +151,7 @@ def train(
 ) -> TrainState:
     """Train ``state`` from its completed epoch up to ``state.config.epochs``.
 
-    ``replicas`` (``bnexport.distributed``) says which shard of each epoch this process
+    ``replicas`` (``bnexport.distributed.process_group``) says which shard of each epoch this process
     trains on, wraps the model for DDP, and pools BatchNorm statistics at each epoch's end.
     The default, one process on the CPU, is the plain loop.
     """

@@ -1,0 +1,1 @@
+"""Export: TorchScript, torch.export and ONNX writers (``writers``), and what an ONNX file holds (``onnx_info``)."""

@@ -1,0 +1,1 @@
+"""Parity: what each runtime is fed (``inputs``, ``sources``), how it is run and compared (``compare``)."""
