@@ -19,6 +19,7 @@ from .errors import BnexportError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what a file created under the process's umask gets; mkstemp's 0600 is not that
 
 
 @contextlib.contextmanager
@@ -29,7 +30,7 @@ def atomic_path(destination: str | Path) -> Iterator[Path]:
     fd, tmp_name = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.stem}.tmp-", suffix=destination.suffix)
     os.close(fd)
     tmp = Path(tmp_name)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; artifacts get the usual permissions
+    os.chmod(tmp, FILE_MODE)  # mkstemp makes 0600; artifacts get the usual permissions
     try:
         yield tmp
         os.replace(tmp, destination)

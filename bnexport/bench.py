@@ -12,6 +12,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -84,7 +85,7 @@ def bench(runners: dict[str, Runner], input_shape: tuple[int, ...], *, batches: 
 def onnx_runners(unfolded: onnx.ModelProto, folded: onnx.ModelProto | None, *, threads: int | None = None) -> dict[str, Runner]:
     """ONNX Runtime (CPU) with its graph optimisations disabled and at their default, unfolded and folded."""
     from .export.writers import onnx_bytes
-    from .parity.compare import onnxruntime_runner
+    from .parity.runners import onnxruntime_runner
 
     runners = {}
     for label, model in (("unfolded", unfolded), ("folded", folded)):
@@ -100,7 +101,7 @@ def module_runners(module: torch.nn.Module, example: torch.Tensor, *, threads: i
     """Eager unfolded (the baseline) and folded, TorchScript folded, and ONNX Runtime on both exports."""
     from .export.writers import to_onnx
     from .fold import fold_module, fold_onnx
-    from .parity.compare import eager_runner
+    from .parity.runners import eager_runner
 
     folded, _ = fold_module(module, example_input=example, check=False)  # bench times; `fold` and `parity` verify
     with warnings.catch_warnings():
@@ -115,3 +116,29 @@ def module_runners(module: torch.nn.Module, example: torch.Tensor, *, threads: i
     }
     runners.update(onnx_runners(unfolded_onnx, folded_onnx, threads=threads))
     return runners
+
+
+def bench_file(path: str | Path, *, input_shapes=None, threads: int | None = None, **timing) -> BenchReport:
+    """Time the model in an ONNX file or a bnexport checkpoint, BatchNorm kept and folded.
+
+    An ONNX file is timed in ONNX Runtime, unfolded and folded; a checkpoint in eager torch,
+    TorchScript and ONNX Runtime (see ``module_runners``). The folds are not checked: ``fold``
+    and ``parity`` verify, this only times. ``input_shapes`` is the one input's shape (a bare
+    shape, or one NAME=shape); ``threads`` sets torch's and ONNX Runtime's thread counts;
+    ``timing`` (batches, seed, min_seconds, min_runs) goes to ``bench``.
+    """
+    from .fold import fold_onnx
+    from .parity.sources import load_source, single_shape
+
+    path = Path(path)
+    given = single_shape(path, input_shapes)
+    source = load_source(path, input_shape=given)
+    shape = given or source.input_shape
+    if threads:
+        torch.set_num_threads(threads)
+    if source.kind == "onnx":
+        folded, _ = fold_onnx(source.onnx_model, check=False)
+        runners = onnx_runners(source.onnx_model, folded, threads=threads)
+    else:
+        runners = module_runners(source.module, torch.zeros((2, *shape[1:])), threads=threads)
+    return bench(runners, shape, model=str(path), **timing)

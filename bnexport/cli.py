@@ -1,22 +1,21 @@
 """Command line: parse arguments, call the library, print a table, return an exit code.
 
-Exit codes: 0 success; 1 a check failed (parity); 2 bad input (one line on stderr);
-3 under torchrun, a peer process died or stopped answering (one line on stderr).
+Exit codes (``bnexport.errors.exit_code_for``): 0 success; 1 a check failed (parity); 2 bad input
+(one line on stderr); 3 under torchrun, a peer process died or stopped answering (one line on stderr).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
 # Only light modules at the top: `--help`, `view` and `inspect` should not wait for torch.
 from .config import (DATASETS, DEFAULT_ATOL, DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES,
                      Tolerance, TrainConfig, tolerance_for)
-from .errors import BnexportError
-
-EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_PEER_FAILED = 0, 1, 2, 3
+from .errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, BnexportError, CheckFailed, exit_code_for, reported_here
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -181,10 +180,11 @@ def add_tolerance_arguments(parser: argparse.ArgumentParser) -> None:
                              "for bfloat16: ten units of the dtype's rounding)")
 
 
-def tolerance_from_args(args: argparse.Namespace, dtype_name: str = "float32") -> Tolerance:
-    """--atol and --rtol where given, the dtype's default for the other."""
-    default = tolerance_for(dtype_name)
-    return Tolerance(default.atol if args.atol is None else args.atol, default.rtol if args.rtol is None else args.rtol)
+def tolerance_from_args(args: argparse.Namespace) -> Tolerance:
+    """--atol and --rtol where given, float32's default for the other."""
+    from .parity.compare import tolerance_given
+
+    return tolerance_given(atol=args.atol, rtol=args.rtol)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
@@ -337,127 +337,34 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads for torch and ONNX Runtime (default: their own defaults)")
 
 
-def _fold_output(args: argparse.Namespace) -> Path:
-    """The output path, after refusing the combinations that would lose or clobber a file."""
-    if args.in_place:
-        if args.output is not None and args.output.resolve() != args.model.resolve():
-            raise BnexportError("--in-place writes over the input; drop -o or --in-place")
-        return args.model
-    if args.output is None:
-        raise BnexportError("-o OUTPUT is required (or --in-place to overwrite the input)")
-    if args.output.resolve() == args.model.resolve():
-        raise BnexportError(f"{args.output}: the output path is the input; pass --in-place to overwrite it")
-    _check_new_file(args.output, "-o")
-    return args.output
-
-
-def _check_new_file(path: Path, flag: str, *, not_any_of: tuple[Path, ...] = ()) -> None:
-    """Refuse, before any work, an output that is a folder, sits in no folder, or is another file of the run."""
-    if path.is_dir():
-        raise BnexportError(f"{flag} {path}: is a folder; name a file")
-    if not path.parent.is_dir():
-        raise BnexportError(f"{flag} {path}: folder {path.parent} does not exist")
-    if any(path.resolve() == other.resolve() for other in not_any_of):
-        raise BnexportError(f"{flag} {path}: that is the model itself; name another file")
-
-
-CHECKPOINT_OUTPUTS = (".onnx", ".ts", ".pt2")
-
-
 def cmd_fold(args: argparse.Namespace) -> int:
     """Fold every BatchNorm that folds exactly, check parity, and write the folded model.
 
     Prints one line per BatchNorm: folded into which layer, or kept and why. Exit 1 when the
     folded model fails the parity check (nothing is written then), 2 on bad input.
     """
-    from .artifacts import write_json
-    from .errors import CheckFailed
-    from .export.writers import save_onnx
+    from .fold.files import fold_file
     from .parity.compare import inputs_text
-    from .parity.sources import load_source, single_shape
 
-    output = _fold_output(args)
-    if args.report is not None:
-        _check_new_file(args.report, "--report", not_any_of=(args.model, output))
-    given = given_shapes(args.input_shape)
-    source = load_source(args.model, needs_input_shape=False)
-    if source.kind == "checkpoint" and (args.in_place or output.suffix not in CHECKPOINT_OUTPUTS):
-        raise BnexportError(f"{args.model}: a checkpoint folds into a new file ending in {', '.join(CHECKPOINT_OUTPUTS)}, not {output.name}")
     try:
-        if source.kind == "onnx":
-            folded, report = _fold_onnx_source(args, source, given)
-        else:
-            from .fold import fold_module
-
-            shape = single_shape(args.model, given) or source.input_shape
-            folded, report = fold_module(source.module, check=not args.no_check, input_shape=shape,
-                                         seed=args.seed, tolerance=tolerance_from_args(args))
+        report = fold_file(args.model, args.output, in_place=args.in_place, report_path=args.report,
+                           check=not args.no_check, input_shapes=given_shapes(args.input_shape), seed=args.seed,
+                           atol=args.atol, rtol=args.rtol, fold_overridable=args.fold_overridable)
     except CheckFailed as failed:
-        if args.report:
-            write_json(args.report, failed.report.to_json())
         print(failed.report.table())
         print(f"bnexport fold: {args.model}: {failed}; nothing written", file=sys.stderr)
-        return EXIT_CHECK_FAILED
-
-    if source.kind == "onnx":
-        save_onnx(folded, output, external_data=source.external_data)
-    else:
-        _save_folded_module(folded, output, shape)
-    if args.report:
-        write_json(args.report, report.to_json())
+        return exit_code_for(failed)
+    output = args.model if args.in_place else args.output
     print(report.table())
     if not report.records:
         print(f"{args.model} has no BatchNorm; {output} is the same model")
-    elif report.parity:
-        worst = max(report.parity["results"], key=lambda r: r["max_rel"] if r["max_rel"] is not None else float("inf"))
-        print(f"parity: max |Δ| {worst['max_abs']:.2e} = {worst['max_rel']:.2e} of scale "
-              f"(rtol {worst['rtol']:g}) on seeded input: ok")
-        print(inputs_text(report.parity.get("inputs", [])))
+    elif report.parity is not None:
+        worst = max(report.parity.results, key=lambda r: r.max_rel if math.isfinite(r.max_rel) else math.inf)
+        print(f"parity: max |Δ| {worst.max_abs:.2e} = {worst.max_rel:.2e} of scale "
+              f"(rtol {worst.rtol:g}) on seeded input: ok")
+        print(inputs_text(report.parity.inputs))
     print(f"wrote {output}")
     return EXIT_OK
-
-
-def _fold_onnx_source(args: argparse.Namespace, source, given):
-    from .fold import fold_onnx
-    from .parity.inputs import input_feeds, model_float_dtype
-    from .parity.compare import NoKernel
-
-    if given is not None:  # a wrong --input-shape is an error even when nothing folds, so nothing is checked
-        try:
-            input_feeds(source.onnx_model, given)
-        except BnexportError as err:
-            raise BnexportError(f"{args.model}: --input-shape {err}") from None
-    tolerance = None  # the model's dtype decides
-    if args.atol is not None or args.rtol is not None:
-        tolerance = tolerance_from_args(args, model_float_dtype(source.onnx_model))
-    try:
-        return fold_onnx(source.onnx_model, check=not args.no_check, input_shapes=given, seed=args.seed,
-                         tolerance=tolerance, stored_at=args.model, fold_overridable=args.fold_overridable)
-    except NoKernel as err:
-        raise BnexportError(f"{_about(args.model, err)}, or fold it with --no-check") from None
-    except BnexportError as err:
-        raise BnexportError(_about(args.model, err)) from None
-
-
-def _about(path: Path, err: Exception) -> str:
-    """The error's message, starting with the file it is about (once)."""
-    text = str(err)
-    return text if text.startswith(f"{path}: ") else f"{path}: {text}"
-
-
-def _save_folded_module(folded, output: Path, shape: tuple[int, ...]) -> None:
-    import torch
-
-    from .export.writers import export_program, export_torchscript, save_onnx, to_onnx
-
-    # a batch of 2 for the example: torch.export would specialise a batch of 1 and lose the dynamic axis
-    example = torch.zeros((2, *shape[1:]))
-    if output.suffix == ".onnx":
-        save_onnx(to_onnx(folded, example), output)
-    elif output.suffix == ".ts":
-        export_torchscript(folded, output)
-    else:
-        export_program(folded, example, output)
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -473,26 +380,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _runner(source):
-    """A runner whose errors name the source's file."""
-    from .parity.compare import eager_runner, onnxruntime_runner
-
-    if source.kind != "onnx":
-        return eager_runner(source.module)
-    try:
-        run = onnxruntime_runner(source.onnx_model.SerializeToString(), optimize=False)
-    except BnexportError as err:
-        raise BnexportError(f"{source.path}: {err}") from None
-
-    def named(feeds):
-        try:
-            return run(feeds)
-        except BnexportError as err:
-            raise BnexportError(f"{source.path}: {err}") from None
-
-    return named
-
-
 def cmd_parity(args: argparse.Namespace) -> int:
     """Compare two models, ONNX files or bnexport checkpoints, on seeded input.
 
@@ -501,18 +388,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
     --atol + --rtol·max|reference| (by default the coarser model dtype's tolerance), 1 when they
     differ, 2 on bad input.
     """
-    from .parity.inputs import seeded_feeds
-    from .parity.compare import run_parity
-    from .parity.sources import coarsest_dtype, load_source, parity_feeds
+    from .parity.files import compare_files
 
-    given = given_shapes(args.input_shape)
-    reference = load_source(args.reference, needs_input_shape=False)
-    candidate = load_source(args.candidate, needs_input_shape=False)
-    feeds = parity_feeds(reference, candidate, given)
-    tolerance = tolerance_from_args(args, coarsest_dtype(reference, candidate))
-    report = run_parity(_runner(reference), {str(args.candidate): _runner(candidate)}, seeded_feeds(feeds, seed=args.seed),
-                        reference_name=str(args.reference), seed=args.seed, tolerance=tolerance,
-                        described=[feed.to_json() for feed in feeds])
+    report = compare_files(args.reference, args.candidate, input_shapes=given_shapes(args.input_shape), seed=args.seed,
+                           atol=args.atol, rtol=args.rtol)
     if args.json:
         print_json(report.to_json())
     else:
@@ -522,24 +401,10 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     """Inference latency of a checkpoint or ONNX file, BatchNorm kept and folded, per runtime and batch size."""
-    import torch
+    from .bench import bench_file
 
-    from .bench import bench, module_runners, onnx_runners
-    from .fold import fold_onnx
-    from .parity.sources import load_source, single_shape
-
-    given = single_shape(args.model, given_shapes(args.input_shape))
-    source = load_source(args.model, input_shape=given)
-    shape = given or source.input_shape
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if source.kind == "onnx":
-        folded, _ = fold_onnx(source.onnx_model, check=False)  # bench times; `fold` and `parity` verify
-        runners = onnx_runners(source.onnx_model, folded, threads=args.threads)
-    else:
-        runners = module_runners(source.module, torch.zeros((2, *shape[1:])), threads=args.threads)
-    report = bench(runners, shape, batches=tuple(args.batch), model=str(args.model), seed=args.seed,
-                   min_seconds=args.min_seconds)
+    report = bench_file(args.model, input_shapes=given_shapes(args.input_shape), threads=args.threads,
+                        batches=tuple(args.batch), seed=args.seed, min_seconds=args.min_seconds)
     if args.json:
         print_json(report.to_json())
     else:
@@ -581,17 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except BnexportError as err:
-        from .distributed.process_group import DistributedFailure, SharedError, is_rank_zero
-
-        if isinstance(err, DistributedFailure):  # every rank says what it saw: the one that knows may be gone
+        if reported_here(err):
             print(f"bnexport {args.command}: error: {err}", file=sys.stderr)
-            return EXIT_PEER_FAILED
-        if is_rank_zero() or not isinstance(err, SharedError):
-            print(f"bnexport {args.command}: error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except KeyboardInterrupt:
+        return exit_code_for(err)
+    except KeyboardInterrupt as err:
         print(f"bnexport {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return exit_code_for(err)
 
 
 def print_json(data: object) -> None:

@@ -23,8 +23,8 @@ from .distributed.process_group import Replicas
 from .errors import BnexportError
 from .fold import FoldReport, fold_module, fold_onnx
 from .model import count_batchnorm
-from .parity.compare import (ParityReport, eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
-                     run_parity, torchscript_runner)
+from .parity.compare import ParityReport, run_parity
+from .parity.runners import eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner, torchscript_runner
 from .train.recording import TrainingRecorder, total_steps, train_twin
 from .tables import format_table
 from .train.loop import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, train

@@ -344,7 +344,7 @@ def test_sync_batchnorm_round_trip_keeps_parameters_and_buffers():
 def test_onnxruntime_cuda_runner_only_where_a_cuda_provider_works(tmp_path):
     import onnxruntime
 
-    from bnexport.parity.compare import onnxruntime_cuda_runner
+    from bnexport.parity.runners import onnxruntime_cuda_runner
 
     if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
         pytest.skip("onnxruntime has a CUDA provider here; tools/gpu_check.sh checks the CUDA rows")

@@ -4,7 +4,8 @@ import torch
 
 from bnexport.config import INPUT_NAME, OUTPUT_NAME
 from bnexport.export.writers import ONNX_EXPORT_OPTIONS, op_counts
-from bnexport.parity.compare import exported_program_runner, onnxruntime_runner, seeded_input, torchscript_runner
+from bnexport.parity.compare import seeded_input
+from bnexport.parity.runners import exported_program_runner, onnxruntime_runner, torchscript_runner
 
 
 def test_model_onnx_keeps_one_batchnorm_per_layer(tiny_run):

@@ -35,26 +35,14 @@ from torch import nn
 
 from .bn_statistics import Moments, batchnorm_layers, layer_spread, pool, recompute_running_stats, training_batches, values_per_sample
 from ..config import DEFAULT_DIST_TIMEOUT_S, DEVICES
-from ..errors import BnexportError, first_line
+# the error classes live in errors.py, so that the CLI reports them without importing torch
+from ..errors import BnexportError, DistributedFailure, SharedError, first_line
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
 DEFAULT_TIMEOUT_S = DEFAULT_DIST_TIMEOUT_S
 RANK_SEED_STRIDE = 1_000_003  # gives each rank its own augmentation stream; rank 0 keeps the one-process stream
 
 T = TypeVar("T")
-
-
-class DistributedFailure(BnexportError):
-    """A peer died, stopped answering within the timeout, or never joined. Exit status 3."""
-
-
-class SharedError(BnexportError):
-    """An error every rank raises together; rank 0 reports it, the others exit quietly."""
-
-
-def is_rank_zero(env: Mapping[str, str] = os.environ) -> bool:
-    """True outside torchrun, and on the rank that reports for all of them."""
-    return env.get("RANK", "0") == "0"
 
 
 # Launch: what torchrun told this process -------------------------------------------------

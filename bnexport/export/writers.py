@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import io
 import os
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import onnx
 
-from ..artifacts import atomic_path
+from ..artifacts import FILE_MODE, atomic_path
 from ..config import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it runs
@@ -90,8 +91,14 @@ def _rename_dynamic_batch(model: onnx.ModelProto) -> None:
 def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool = False) -> Path:
     """Write ``model`` atomically; with ``external_data`` its tensors go to ``<name>.data`` beside it.
 
-    The data file is written in a staging folder and renamed into place before the model,
-    so a model file on disk never points at a half-written data file.
+    The model file on disk never points at a half-written data file, nor at data that is not its
+    own, even when it is replaced in place (``bnexport fold --in-place``): a new data file is
+    written in a staging folder and renamed into place before the model. When ``<name>.data``
+    already exists, the model there may be reading it, so the new data first takes a name of its
+    own and a model pointing at that name replaces the file; only then is ``<name>.data``
+    replaced, and then the model again. Each step is one atomic rename, and each leaves a model
+    file that reads whole data. Had a step failed, the model file still reads whole data, if
+    under the staged name.
     """
     path = Path(path)
     if not external_data:
@@ -101,16 +108,66 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool =
     from onnx.external_data_helper import convert_model_to_external_data, write_external_data_tensors
 
     data_name = f"{path.name}.data"
+    target = path.parent / data_name
     stored = onnx.ModelProto()
     stored.CopyFrom(model)
     convert_model_to_external_data(stored, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.data-") as staging:
         write_external_data_tensors(stored, staging)
-        if (Path(staging) / data_name).exists():
-            os.replace(Path(staging) / data_name, path.parent / data_name)
+        staged = Path(staging) / data_name
+        if staged.exists():
+            os.chmod(staged, FILE_MODE)  # onnx creates it 0600; it is as readable as its model
+        if staged.exists() and not target.exists():
+            os.replace(staged, target)  # no model reads this name yet
+        elif staged.exists():
+            _replace_data_under_its_reader(stored, path, staged, target)
+            return path
     with atomic_path(path) as tmp:
         onnx.save(stored, str(tmp))
     return path
+
+
+def _replace_data_under_its_reader(stored: onnx.ModelProto, path: Path, staged: Path, target: Path) -> None:
+    """Replace ``target`` and then ``path`` (whose model may read ``target``) with no moment at
+    which the model file and the data it reads disagree."""
+    fd, own_name = tempfile.mkstemp(dir=path.parent, prefix=f".{target.name}.")
+    os.close(fd)
+    own = Path(own_name)
+    os.replace(staged, own)
+    published = False
+    try:
+        _relocate(stored, target.name, own.name)
+        with atomic_path(path) as tmp:  # 1. the model, reading the data under its own name
+            onnx.save(stored, str(tmp))
+        published = True
+        # 2. the data under its final name, while 1 still reads the other: a copy, since onnx refuses
+        # to read a data file with two hard links
+        with atomic_path(target) as tmp:
+            shutil.copyfile(own, tmp)
+        _relocate(stored, own.name, target.name)
+        with atomic_path(path) as tmp:  # 3. the model, reading the data under its final name
+            onnx.save(stored, str(tmp))
+        own.unlink()
+    finally:
+        if not published:  # the model never read it
+            own.unlink(missing_ok=True)
+
+
+def _relocate(model: onnx.ModelProto, old: str, new: str) -> None:
+    """Point every tensor stored in the data file ``old`` at ``new`` (same offsets)."""
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for attribute in node.attribute:
+                yield from ([attribute.t] if attribute.HasField("t") else [])
+                yield from attribute.tensors
+                for subgraph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    yield from tensors(subgraph)
+
+    for tensor in tensors(model.graph):
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value == old:
+                entry.value = new
 
 
 def op_counts(model: onnx.ModelProto) -> dict[str, int]:

@@ -7,7 +7,7 @@ from .fold_report import FoldReport
 
 
 def raise_check_failed(report: FoldReport, parity, divergence) -> None:
-    report.divergence = divergence.to_json() if divergence else None
+    report.divergence = divergence
     result = parity.worst()
     output = f" at {result.name}" if len(parity.results) > 1 else ""
     if divergence:

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
 
 from ..tables import format_table
+
+if TYPE_CHECKING:  # annotations only: the report is built and read without the parity code
+    from ..parity.compare import ParityReport
+    from ..parity.divergence import Divergence
 
 FOLDED = "folded"
 KEPT = "kept"
@@ -44,8 +49,8 @@ class FoldRecord:
 class FoldReport:
     source: str  # "torch" or "onnx"
     records: list[FoldRecord] = field(default_factory=list)
-    parity: dict | None = None  # a ParityReport's JSON when the fold was checked
-    divergence: dict | None = None  # the drill-down's first diverging layer when the check failed
+    parity: ParityReport | None = None  # the check of the folded copy against the original, when it ran
+    divergence: Divergence | None = None  # the drill-down's first diverging layer, when the check failed
     notes: list[str] = field(default_factory=list)  # what a reader should know that no record says (one line each)
 
     @property
@@ -63,8 +68,8 @@ class FoldReport:
             "folded": len(self.folded),
             "kept": len(self.kept),
             "records": [asdict(r) for r in self.records],
-            "parity": self.parity,
-            "divergence": self.divergence,
+            "parity": self.parity.to_json() if self.parity is not None else None,
+            "divergence": self.divergence.to_json() if self.divergence is not None else None,
             "notes": self.notes,
         }
 

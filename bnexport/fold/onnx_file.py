@@ -130,7 +130,9 @@ def fold_onnx(
 def _check_onnx(original, folded, report: FoldReport, shapes, *, seed: int, tolerance: Tolerance | None,
                 stored_at: Path | None) -> None:
     from ..parity.inputs import input_feeds, model_float_dtype, seeded_feeds
-    from ..parity.compare import onnx_drilldown, onnxruntime_runner, run_parity
+    from ..parity.compare import run_parity
+    from ..parity.divergence import onnx_drilldown
+    from ..parity.runners import onnxruntime_runner
 
     feeds = input_feeds(original, shapes)
     values = seeded_feeds(feeds, seed=seed)
@@ -143,7 +145,7 @@ def _check_onnx(original, folded, report: FoldReport, shapes, *, seed: int, tole
     reference = onnxruntime_runner(stored_at if stored_at is not None else original.SerializeToString())
     parity = run_parity(reference, {"folded": onnxruntime_runner(data)}, values, reference_name="unfolded", seed=seed,
                         tolerance=tolerance, described=[feed.to_json() for feed in feeds])
-    report.parity = parity.to_json()
+    report.parity = parity
     if not parity.passed:
         raise_check_failed(report, parity, onnx_drilldown(original, folded, values, tolerance=tolerance))
 

@@ -116,7 +116,7 @@ def test_module_fold_is_exact_or_kept(case: Case):
     bn_index, layer_index = (0, 1) if case.bn_first else (1, 0)
     bn_keys = {k for k in model.state_dict() if k.startswith(f"{bn_index}.")}
     if case.foldable:
-        assert report.parity["passed"]
+        assert report.parity.passed
         assert not any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in folded.modules())
         # state-dict keys change only where the BN was removed, plus the bias a bias-less layer gains
         assert set(folded.state_dict()) == (set(model.state_dict()) - bn_keys) | {f"{layer_index}.bias"}

@@ -13,7 +13,8 @@ from onnx import TensorProto
 from bnexport.config import DEFAULT_TOLERANCE, Tolerance, tolerance_for
 from bnexport.errors import BnexportError, CheckFailed
 from bnexport.fold import fold_onnx
-from bnexport.parity.compare import NoKernel, first_divergence, onnxruntime_runner
+from bnexport.parity.divergence import first_divergence
+from bnexport.parity.runners import NoKernel, onnxruntime_runner
 from fold.models import count_bn_nodes, relative_error
 from fold.signatures import bfloat16_gemm_model, bfloat16_io_model, conv_bn_model, multi_input_model, relu_model
 
@@ -30,10 +31,10 @@ def test_multi_input_model_folds_and_checks_every_input_and_output():
     folded, report = fold_onnx(model)
     assert count_bn_nodes(model) == 2 and count_bn_nodes(folded) == 0 and len(report.folded) == 2
     parity = report.parity
-    assert [(f["name"], f["dtype"], f["shape"]) for f in parity["inputs"]] == [
+    assert [(f["name"], f["dtype"], f["shape"]) for f in parity.inputs] == [
         ("a", "float32", [1, 3, 224, 224]), ("b", "float32", [1, 8, 224, 224]), ("idx", "int64", [128]),
         ("mask", "bool", [1, 1, 224, 224])]
-    assert [r["name"] for r in parity["results"]] == ["folded [y]", "folded [r]"] and parity["passed"]
+    assert [r.name for r in parity.results] == ["folded [y]", "folded [r]"] and parity.passed
     # the oracle, on values of the test's own
     rng = np.random.default_rng(7)
     feeds = {"a": rng.standard_normal((2, 3, 9, 11)).astype(np.float32), "b": rng.standard_normal((2, 8, 9, 11)).astype(np.float32),
@@ -45,16 +46,16 @@ def test_multi_input_model_folds_and_checks_every_input_and_output():
 def test_given_shapes_are_used_and_recorded():
     shapes = {"a": (2, 3, 8, 8), "idx": (3,)}  # b and mask take batch, h and w from a
     _, report = fold_onnx(multi_input_model(), input_shapes=shapes)
-    assert [f["shape"] for f in report.parity["inputs"]] == [[2, 3, 8, 8], [2, 8, 8, 8], [3], [2, 1, 8, 8]]
-    assert all(f["guessed_dims"] == [] for f in report.parity["inputs"])
+    assert [f["shape"] for f in report.parity.inputs] == [[2, 3, 8, 8], [2, 8, 8, 8], [3], [2, 1, 8, 8]]
+    assert all(f["guessed_dims"] == [] for f in report.parity.inputs)
     # the older keyword, for a one-input model
     _, report = fold_onnx(conv_bn_model(), input_shape=(1, 4, 5, 6))
-    assert report.parity["inputs"][0]["shape"] == [1, 4, 5, 6] and report.parity["input_shape"] == [1, 4, 5, 6]
+    assert report.parity.inputs[0]["shape"] == [1, 4, 5, 6] and report.parity.input_shape == [1, 4, 5, 6]
 
 
 def test_dynamic_sides_are_checked_at_a_realistic_size():
     _, report = fold_onnx(conv_bn_model())
-    (feed,) = report.parity["inputs"]
+    (feed,) = report.parity.inputs
     assert feed["shape"] == [1, 4, 224, 224] and feed["guessed_dims"] == [0, 2, 3]
 
 
@@ -62,9 +63,9 @@ def test_float16_model_folds_and_passes_at_its_own_tolerance():
     model = conv_bn_model(np.float16, depth=3)
     folded, report = fold_onnx(model)
     assert count_bn_nodes(folded) == 0
-    result = report.parity["results"][0]
-    assert report.parity["inputs"][0]["dtype"] == "float16"
-    assert result["rtol"] == tolerance_for("float16").rtol and result["passed"]
+    result = report.parity.results[0]
+    assert report.parity.inputs[0]["dtype"] == "float16"
+    assert result.rtol == tolerance_for("float16").rtol and result.passed
     x = np.random.default_rng(5).standard_normal((2, 4, 12, 12)).astype(np.float16)
     (expected,), (got,) = ort_outputs(model, {"x": x}), ort_outputs(folded, {"x": x})
     assert got.dtype == np.float16
@@ -105,8 +106,8 @@ def test_bfloat16_inputs_and_outputs_travel_through_ort_values():
 def test_bfloat16_model_folds_and_checks():
     folded, report = fold_onnx(bfloat16_io_model())
     assert count_bn_nodes(folded) == 0
-    assert report.parity["inputs"][0]["dtype"] == "bfloat16" and report.parity["passed"]
-    assert report.parity["results"][0]["rtol"] == tolerance_for("bfloat16").rtol
+    assert report.parity.inputs[0]["dtype"] == "bfloat16" and report.parity.passed
+    assert report.parity.results[0].rtol == tolerance_for("bfloat16").rtol
 
 
 @pytest.mark.parametrize("build", [lambda: conv_bn_model(np.float64), bfloat16_gemm_model], ids=["float64", "bfloat16"])

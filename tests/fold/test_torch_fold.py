@@ -18,7 +18,7 @@ def test_simplecnn_folds_and_matches():
     folded, report = fold_module(model, example_input=torch.zeros(4, 1, 28, 28))
     assert count_batchnorm(folded) == 0 and count_batchnorm(model) == 1  # the input is untouched
     assert [(r.batchnorm, r.status, r.folded_into) for r in report.records] == [("bn1", "folded", "conv1")]
-    assert report.parity["passed"] and report.parity["results"][0]["max_rel"] < 1e-6
+    assert report.parity.passed and report.parity.results[0].max_rel < 1e-6
     x = torch.randn(3, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), model(x), rtol=1e-5, atol=1e-5)
@@ -47,7 +47,7 @@ def test_every_pattern_in_one_module():
     assert "zero padding" in reasons["bn_relu"] and "track_running_stats=False" in reasons["bn_batch"]
     assert {r.batchnorm: r.reason_code for r in report.kept} == {"bn_relu": "zero_padding", "bn_batch": "training_mode"}
     assert count_batchnorm(folded) == 2
-    assert report.parity["passed"] and report.parity["input_shape"] == list(EVERYTHING_INPUT)
+    assert report.parity.passed and report.parity.input_shape == list(EVERYTHING_INPUT)
     x = torch.randn(5, *EVERYTHING_INPUT[1:]) * 3
     with torch.no_grad():
         assert relative_error(model(x), folded(x)) < 1e-5
@@ -230,9 +230,9 @@ def test_a_wrong_fold_is_caught_and_the_layer_named(monkeypatch):
     with pytest.raises(CheckFailed, match="first diverging layer: up") as caught:
         fold_module(randomize_bn(Everything()), example_input=torch.zeros(EVERYTHING_INPUT))
     report = caught.value.report
-    assert report.parity["passed"] is False
-    assert report.divergence["layer"] == "up" and report.divergence["tensor"] == "bn_up"
-    assert report.divergence["result"]["max_abs"] > 0.1
+    assert report.parity.passed is False
+    assert report.divergence.layer == "up" and report.divergence.tensor == "bn_up"
+    assert report.divergence.result.max_abs > 0.1
 
 
 class TiedWeight(nn.Module):
@@ -337,7 +337,7 @@ def test_every_batchnorm_class_folds(norm):
     folded, report = fold_module(model, example_input=x)
     assert [(r.batchnorm, r.status, r.folded_into) for r in report.records] == [
         ("features.1", "folded", "features.0"), ("features.3", "folded", "features.2")]
-    assert report.parity["passed"]
+    assert report.parity.passed
     with torch.no_grad():
         assert relative_error(model(x), folded(x)) < 1e-6
     assert executed_batch_norms(folded, x) == 0 and (norm is _frozen or executed_batch_norms(model, x) == 2)
@@ -462,7 +462,7 @@ def test_dropout_in_train_mode_stays_in_train_mode():
     model[1].drop.train()
     model[3].train()
     folded, report = fold_module(model, example_input=torch.zeros(2, 3, 5, 5))  # the check reseeds dropout per run
-    assert report.parity["passed"] and report.records[0].status == "folded"
+    assert report.parity.passed and report.records[0].status == "folded"
     assert folded[1].drop.training and folded[3].training and not folded[0].training
     assert model[1].drop.training and not model[1].training
 
@@ -484,8 +484,8 @@ def test_tuple_and_dict_example_inputs(form):
     inputs = (image, vector) if form == "tuple" else {"image": image, "vector": vector, "scale": 2.0}
     folded, report = fold_module(model, example_inputs=inputs)
     assert [r.status for r in report.records] == ["folded", "folded"]  # Linear → BN1d needs the shapes
-    assert [r["name"] for r in report.parity["results"]] == ["folded output 0", "folded output 1"]
-    assert report.parity["input_shape"] == [[2, 3, 5, 5], [3, 6]]
+    assert [r.name for r in report.parity.results] == ["folded output 0", "folded output 1"]
+    assert report.parity.input_shape == [[2, 3, 5, 5], [3, 6]]
     x, v = torch.randn(2, 3, 5, 5), torch.randn(3, 6)
     with torch.no_grad():
         for expected, got in zip(model(x, v), folded(x, v)):
@@ -499,7 +499,7 @@ def test_check_follows_the_dtype(dtype):
     model = randomize_bn(Net([nn.BatchNorm2d, nn.BatchNorm2d])).to(dtype)
     folded, report = fold_module(model, input_shape=(2, 3, 9, 9))
     name = str(dtype).removeprefix("torch.")
-    assert report.parity["passed"] and report.parity["results"][0]["rtol"] == tolerance_for(name).rtol
+    assert report.parity.passed and report.parity.results[0].rtol == tolerance_for(name).rtol
     assert folded.features[0].weight.dtype == dtype and folded.features[2].bias.dtype == dtype
     if dtype == torch.float64:  # float64 maths, one rounding: equal to the oracle's float64 fusion
         oracle = fuse_conv_bn_eval(model.features[0], model.features[1])
@@ -668,8 +668,8 @@ def test_a_model_that_amplifies_rounding_passes_when_the_float64_fold_is_exact()
     model, x = _cancelling(), torch.randn(2, 3, 8, 8)
     folded, report = fold_module(model, example_inputs=(x,))
     assert len(report.folded) == 2
-    (rounding,) = report.parity["within_own_rounding"]
-    assert report.parity["passed"] and not report.parity["results"][0]["passed"]  # missed the float32 tolerance
+    (rounding,) = report.parity.within_own_rounding
+    assert report.parity.passed and not report.parity.results[0].passed  # missed the float32 tolerance
     # the independent oracle: the model and the folded copy in float64
     with torch.no_grad():
         exact = model.double()(x.double())
