@@ -24,7 +24,8 @@ from .errors import BnexportError
 from .fold import FoldReport, fold_module, fold_onnx
 from .model import count_batchnorm
 from .parity.compare import ParityReport, run_parity
-from .parity.runners import eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner, torchscript_runner
+from .parity.runners import (eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
+                              torchscript_runner)
 from .train.recording import TrainingRecorder, total_steps, train_twin
 from .tables import format_table
 from .train.loop import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, train

@@ -91,14 +91,10 @@ def _rename_dynamic_batch(model: onnx.ModelProto) -> None:
 def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool = False) -> Path:
     """Write ``model`` atomically; with ``external_data`` its tensors go to ``<name>.data`` beside it.
 
-    The model file on disk never points at a half-written data file, nor at data that is not its
-    own, even when it is replaced in place (``bnexport fold --in-place``): a new data file is
-    written in a staging folder and renamed into place before the model. When ``<name>.data``
-    already exists, the model there may be reading it, so the new data first takes a name of its
-    own and a model pointing at that name replaces the file; only then is ``<name>.data``
-    replaced, and then the model again. Each step is one atomic rename, and each leaves a model
-    file that reads whole data. Had a step failed, the model file still reads whole data, if
-    under the staged name.
+    At every moment the model file on disk reads whole data that is its own, even when it is
+    replaced in place (``bnexport fold --in-place``). A new data file is written in a staging
+    folder and renamed into place before the model. Where ``<name>.data`` already exists, the
+    model there may be reading it, so see ``_replace_data_under_its_reader``.
     """
     path = Path(path)
     if not external_data:
@@ -115,21 +111,28 @@ def save_onnx(model: onnx.ModelProto, path: str | Path, *, external_data: bool =
     with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.stem}.data-") as staging:
         write_external_data_tensors(stored, staging)
         staged = Path(staging) / data_name
-        if staged.exists():
+        if staged.exists():  # not when every tensor is small enough to stay in the model
             os.chmod(staged, FILE_MODE)  # onnx creates it 0600; it is as readable as its model
-        if staged.exists() and not target.exists():
+            if target.exists():
+                _replace_data_under_its_reader(stored, path, staged, target)
+                return path
             os.replace(staged, target)  # no model reads this name yet
-        elif staged.exists():
-            _replace_data_under_its_reader(stored, path, staged, target)
-            return path
     with atomic_path(path) as tmp:
         onnx.save(stored, str(tmp))
     return path
 
 
 def _replace_data_under_its_reader(stored: onnx.ModelProto, path: Path, staged: Path, target: Path) -> None:
-    """Replace ``target`` and then ``path`` (whose model may read ``target``) with no moment at
-    which the model file and the data it reads disagree."""
+    """Write ``stored`` to ``path`` and its data (now at ``staged``) to ``target``, which the model
+    at ``path`` may be reading, with no moment at which the model file reads data not its own.
+
+    Renaming the data over ``target`` first would pair the old model with the new data; renaming
+    the model first, the new model with the old data. So there are three atomic renames: (1) the
+    data under a name of its own and a model reading that name; (2) a copy of the data over
+    ``target``; (3) the model reading ``target``. The copy costs one more write of the data; a
+    hard link would not, but onnx refuses to read a data file with two links. Should (2) or (3)
+    fail, the model file reads the data under its own name, whole.
+    """
     fd, own_name = tempfile.mkstemp(dir=path.parent, prefix=f".{target.name}.")
     os.close(fd)
     own = Path(own_name)
@@ -140,9 +143,7 @@ def _replace_data_under_its_reader(stored: onnx.ModelProto, path: Path, staged: 
         with atomic_path(path) as tmp:  # 1. the model, reading the data under its own name
             onnx.save(stored, str(tmp))
         published = True
-        # 2. the data under its final name, while 1 still reads the other: a copy, since onnx refuses
-        # to read a data file with two hard links
-        with atomic_path(target) as tmp:
+        with atomic_path(target) as tmp:  # 2. the data under its final name, while 1 reads the other
             shutil.copyfile(own, tmp)
         _relocate(stored, own.name, target.name)
         with atomic_path(path) as tmp:  # 3. the model, reading the data under its final name
