@@ -12,8 +12,9 @@ import sys
 from pathlib import Path
 
 # Only light modules at the top: `--help`, `view` and `inspect` should not wait for torch.
-from .config import (DATASETS, DEFAULT_ATOL, DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES,
-                     Tolerance, TrainConfig, tolerance_for)
+from .config import (BENCH_BATCHES, BENCH_MIN_SECONDS, DATASETS, DEFAULT_ATOL, DEFAULT_DIST_TIMEOUT_S, DEFAULT_FIGURE_FORMAT,
+                     DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES, FIGURE_FORMATS, NETRON_PORT, SCHEDULES, Tolerance,
+                     TrainConfig, tolerance_for)
 from .errors import BnexportError
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_PEER_FAILED = 0, 1, 2, 3
@@ -117,7 +118,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="total epochs (default: %(default)s)")
     group.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="default: %(default)s")
     group.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam learning rate (default: %(default)s)")
-    group.add_argument("--schedule", choices=("cosine", "constant"), default=defaults.schedule,
+    group.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
                        help="learning-rate schedule over the run (default: %(default)s)")
     group.add_argument("--shift", type=int, default=defaults.shift, metavar="PIXELS",
                        help="random-shift augmentation of up to PIXELS; 0 turns it off (default: %(default)s)")
@@ -151,7 +152,8 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR,
                         help="folder of a train-and-export run; figures go to OUT/figures (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to draw (default: OUT/checkpoint.pt)")
-    parser.add_argument("--format", choices=("png", "svg"), default="png", help="figure format (default: %(default)s)")
+    parser.add_argument("--format", choices=FIGURE_FORMATS, default=DEFAULT_FIGURE_FORMAT,
+                        help="figure format (default: %(default)s)")
 
 
 def port_number(text: str) -> int:
@@ -166,7 +168,7 @@ def port_number(text: str) -> int:
 
 def add_view_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", type=Path, metavar="MODEL", help="ONNX model files")
-    parser.add_argument("--port", type=port_number, default=8080,
+    parser.add_argument("--port", type=port_number, default=NETRON_PORT,
                         help="port of the first model; the others take the next ones; 0 picks free ports (default: %(default)s)")
     parser.add_argument("--no-browser", action="store_true", help="print the URLs without opening a browser")
 
@@ -331,8 +333,9 @@ def add_parity_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="an ONNX file or a bnexport checkpoint")
-    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 64], help="batch sizes (default: 1 64)")
-    parser.add_argument("--min-seconds", type=positive_float, default=0.5, help="time each runner at least this long (default: %(default)s)")
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=list(BENCH_BATCHES),
+                        help=f"batch sizes (default: {' '.join(map(str, BENCH_BATCHES))})")
+    parser.add_argument("--min-seconds", type=positive_float, default=BENCH_MIN_SECONDS, help="time each runner at least this long (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="threads for torch and ONNX Runtime (default: their own defaults)")
 

@@ -23,10 +23,26 @@ DEFAULT_OPSET = 18
 
 DEFAULT_OUT_DIR = Path("artifacts")
 
+SCHEDULES = ("cosine", "constant")  # the learning rate over a run: annealed to 0 per step, or fixed
+
 DEVICES = ("auto", "cpu", "cuda")
 # Under torchrun, how long a rank waits for the others in any collective before it stops:
 # a dead or silent peer ends the run with an error instead of a hang.
 DEFAULT_DIST_TIMEOUT_S = 300.0
+
+# `bench`: each runner is called BENCH_WARMUP times untimed, then timed until it has made at
+# least BENCH_MIN_RUNS calls and spent at least BENCH_MIN_SECONDS, at each batch size.
+BENCH_BATCHES = (1, 64)
+BENCH_WARMUP = 3
+BENCH_MIN_RUNS = 10
+BENCH_MIN_SECONDS = 0.5
+
+# `view`: Netron's own default port, for the first model; the others take the next ones.
+NETRON_PORT = 8080
+
+# `visualize`: the figure formats matplotlib writes for the report, the first the default.
+FIGURE_FORMATS = ("png", "svg")
+DEFAULT_FIGURE_FORMAT = FIGURE_FORMATS[0]
 
 
 @dataclass(frozen=True)
@@ -64,7 +80,7 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 64  # as in the article
     lr: float = 3e-3  # Adam's peak learning rate; the article used 1e-3 with no schedule
-    schedule: str = "cosine"  # cosine: anneal to 0 over the run, per step | constant
+    schedule: str = SCHEDULES[0]  # cosine: anneal to 0 over the run, per step | constant
     shift: int = 2  # random translation of up to this many pixels; 0 turns augmentation off
     seed: int = DEFAULT_SEED
     batch_norm: bool = True  # False builds the --no-bn variant
@@ -124,19 +140,27 @@ def tolerance_for(dtype_name: str, *, base: Tolerance = DEFAULT_TOLERANCE) -> To
 
 __all__ = [
     "ARTIFACTS",
+    "BENCH_BATCHES",
+    "BENCH_MIN_RUNS",
+    "BENCH_MIN_SECONDS",
+    "BENCH_WARMUP",
     "DATASETS",
     "DEFAULT_ATOL",
     "DEFAULT_DIST_TIMEOUT_S",
+    "DEFAULT_FIGURE_FORMAT",
     "DEFAULT_OPSET",
     "DEFAULT_OUT_DIR",
     "DEFAULT_RTOL",
     "DEFAULT_SEED",
     "DEFAULT_TOLERANCE",
     "DEVICES",
+    "FIGURE_FORMATS",
     "INPUT_NAME",
     "MACHINE_EPSILON",
+    "NETRON_PORT",
     "OUTPUT_NAME",
     "PARITY_BATCH_SIZE",
+    "SCHEDULES",
     "TrainConfig",
     "Tolerance",
     "tolerance_for",

@@ -17,7 +17,7 @@ import torch
 
 from .export import writers as exporters
 from .artifacts import atomic_path, library_versions, write_json, write_manifest
-from .config import ARTIFACTS, DEFAULT_TOLERANCE, PARITY_BATCH_SIZE, Tolerance, TrainConfig
+from .config import ARTIFACTS, DEFAULT_FIGURE_FORMAT, DEFAULT_TOLERANCE, PARITY_BATCH_SIZE, SCHEDULES, Tolerance, TrainConfig
 from .data import Dataset, load_for_config, parity_batch
 from .distributed.process_group import Replicas
 from .errors import BnexportError
@@ -216,7 +216,7 @@ def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: P
 
 def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True,
                      tolerance: Tolerance = DEFAULT_TOLERANCE, compare_bn: bool = True,
-                     figure_format: str = "png",
+                     figure_format: str = DEFAULT_FIGURE_FORMAT,
                      replicas: Replicas | None = None) -> tuple[RunSummary | None, ParityReport | None]:
     """The main job. Under torchrun every rank trains; rank 0 alone exports, checks and writes
     (the others return (None, None) once the statistics are pooled). ``compare_bn`` also trains
@@ -285,5 +285,5 @@ def validate_config(config: TrainConfig) -> None:
         raise BnexportError(f"--lr must be positive, got {config.lr}")
     if config.shift < 0:
         raise BnexportError(f"--shift must be 0 or more pixels, got {config.shift}")
-    if config.schedule not in ("cosine", "constant"):
-        raise BnexportError(f"--schedule must be cosine or constant, got {config.schedule!r}")
+    if config.schedule not in SCHEDULES:
+        raise BnexportError(f"--schedule must be {' or '.join(SCHEDULES)}, got {config.schedule!r}")

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..artifacts import prepare_out_dir, read_json
-from ..config import ARTIFACTS, TrainConfig
+from ..config import ARTIFACTS, DEFAULT_FIGURE_FORMAT, FIGURE_FORMATS, TrainConfig
 from ..data import parity_batch
 from ..errors import BnexportError
 from ..fold import load_onnx
@@ -26,7 +26,6 @@ from ..tables import format_table
 from ..train.loop import History, reopen_checkpoint
 from . import (bn_layer, bn_params, graph, parity_errors as parity_figures, running_stats, training,
                   activations as activation_figures)
-from .common import FORMATS
 
 VIZ_BATCH_SIZE = 256  # test images pushed through the model for the activation figures: ~200k values a channel
 REQUIRED = (ARTIFACTS.onnx, ARTIFACTS.onnx_folded, ARTIFACTS.fold_report, ARTIFACTS.parity, ARTIFACTS.parity_outputs)
@@ -79,12 +78,12 @@ def training_runs(out: Path, history: History, config: TrainConfig) -> list[RunC
                       epoch_end_step=history.epoch_end_step, test_accuracy=history.test_accuracy)]
 
 
-def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_format: str = "png") -> VisualizeResult:
+def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_format: str = DEFAULT_FIGURE_FORMAT) -> VisualizeResult:
     """Write every figure into ``out/figures`` and ``out/report.html``; return what was written."""
     started = time.perf_counter()
     out = Path(out)
-    if figure_format not in FORMATS:
-        raise BnexportError(f"--format must be one of {', '.join(FORMATS)}, got {figure_format!r}")
+    if figure_format not in FIGURE_FORMATS:
+        raise BnexportError(f"--format must be one of {', '.join(FIGURE_FORMATS)}, got {figure_format!r}")
     hint = f"run `bnexport train-and-export --out {out}` first"
     checkpoint = _require(Path(checkpoint) if checkpoint else out / ARTIFACTS.checkpoint, hint)
     for name in REQUIRED:
