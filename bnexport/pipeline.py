@@ -159,9 +159,18 @@ def replicas_record(replicas: Replicas | None) -> dict | None:
     return replicas.to_json()
 
 
+@dataclass
+class Exports:
+    """What ``export_all`` wrote, as the later stages use it."""
+
+    fold_reports: dict  # fold.json: the torch and the ONNX fold
+    onnx_ops: dict[str, dict[str, int]]  # op counts of model.onnx and model.folded.onnx
+    onnx_models: tuple[onnx.ModelProto, onnx.ModelProto]  # model.onnx and model.folded.onnx
+
+
 def export_all(model: torch.nn.Module, folded_module: torch.nn.Module, torch_report: FoldReport,
-               example: torch.Tensor, out: Path) -> tuple[dict, dict[str, dict[str, int]]]:
-    """Write every export, BN kept and folded; return (fold reports, ONNX op counts)."""
+               example: torch.Tensor, out: Path) -> Exports:
+    """Write every export, BN kept and folded, and fold.json."""
     exporters.export_torchscript(model, out / ARTIFACTS.torchscript)
     exporters.export_torchscript(folded_module, out / ARTIFACTS.torchscript_folded)
     exporters.export_program(model, example, out / ARTIFACTS.exported_program)
@@ -177,12 +186,13 @@ def export_all(model: torch.nn.Module, folded_module: torch.nn.Module, torch_rep
     exporters.save_onnx(folded_onnx, out / ARTIFACTS.onnx_folded)
     reports = {"torch": torch_report.to_json(), "onnx": onnx_report.to_json()}
     write_json(out / ARTIFACTS.fold_report, reports)
-    return reports, ops
+    return Exports(reports, ops, (onnx_model, folded_onnx))
 
 
 def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: Path, inputs: torch.Tensor, *,
-                  seed: int, tolerance: Tolerance = DEFAULT_TOLERANCE) -> ParityReport:
-    """Every export against the unfolded eager model, on the same seeded test batch."""
+                  seed: int, tolerance: Tolerance = DEFAULT_TOLERANCE) -> tuple[ParityReport, dict[str, np.ndarray]]:
+    """Every export against the unfolded eager model, on the same seeded test batch; writes
+    parity.json and parity_outputs.npz, and returns the report and those raw outputs."""
     candidates = {
         "eager folded": eager_runner(folded_module),
         "TorchScript": torchscript_runner(out / ARTIFACTS.torchscript),
@@ -211,7 +221,7 @@ def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: P
     write_json(out / ARTIFACTS.parity, report.to_json())
     with atomic_path(out / ARTIFACTS.parity_outputs) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, **outputs)
-    return report
+    return report, outputs
 
 
 def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True,
@@ -239,20 +249,27 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
     inputs = parity_batch(dataset, seed=config.seed, size=PARITY_BATCH_SIZE)
     with _timed(seconds, "export"):
         folded_module, torch_report = fold_module(model, check=False)  # checked below, with every export
-        reports, ops = export_all(model, folded_module, torch_report, inputs[:2], out)
+        exports = export_all(model, folded_module, torch_report, inputs[:2], out)
     with _timed(seconds, "parity"):
-        parity = check_exports(model, folded_module, out, inputs, seed=config.seed, tolerance=tolerance)
+        parity, outputs = check_exports(model, folded_module, out, inputs, seed=config.seed, tolerance=tolerance)
     summary = RunSummary(
         dataset=dataset.describe(), config=config.to_json(), epochs=state.epoch,
         test_accuracy=state.history.test_accuracy[-1] if state.history.test_accuracy else None,
-        batchnorm_layers=count_batchnorm(model), batchnorm_folded=reports["onnx"]["folded"],
-        onnx_ops=ops, parity_passed=parity.passed, stage_seconds=seconds, replicas=replicas_record(replicas),
+        batchnorm_layers=count_batchnorm(model), batchnorm_folded=exports.fold_reports["onnx"]["folded"],
+        onnx_ops=exports.onnx_ops, parity_passed=parity.passed, stage_seconds=seconds, replicas=replicas_record(replicas),
     )
-    write_json(out / ARTIFACTS.summary, summary.to_json())
-    from .viz.visualize import visualize  # matplotlib is needed by this stage only, not by `train`
+    from .viz.visualize import VisualizeInputs, visualize  # matplotlib is needed by this stage only, not by `train`
 
+    # What the run holds, as visualize would read it back from the files written above. The
+    # report shows the summary as it stands before this stage; summary.json, written once
+    # after it, adds the stage's own seconds.
+    held = VisualizeInputs(
+        model=model, config=config, dataset=dataset, history=state.history, parity=parity.to_json(),
+        parity_outputs=outputs, fold=exports.fold_reports, onnx_models=exports.onnx_models, runs=runs,
+        bn_stats=recorder.bn_stats(state.history) if recorder.stats.layers else None, summary=summary.to_json(),
+    )
     with _timed(seconds, "visualize"):
-        figures = visualize(out, figure_format=figure_format)
+        figures = visualize(out, figure_format=figure_format, inputs=held)
     write_json(out / ARTIFACTS.summary, summary.to_json())
     write_manifest(out, {**FILE_DESCRIPTIONS, **figures.descriptions()}, name=ARTIFACTS.manifest)
     return summary, parity
