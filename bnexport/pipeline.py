@@ -25,9 +25,9 @@ from .fold import FoldReport, fold_module, fold_onnx
 from .model import count_batchnorm
 from .parity.compare import (ParityReport, eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
                      run_parity, torchscript_runner)
-from .train.recording import TrainingRecorder, total_steps, train_twin
+from .train.recording import TrainingRecorder, train_twin
 from .tables import format_table
-from .train.loop import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, train
+from .train.loop import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, total_steps, train
 
 FILE_DESCRIPTIONS = {
     ARTIFACTS.checkpoint: "trained weights, optimizer state, config and library versions (torch.load weights_only=True)",
@@ -152,9 +152,9 @@ def run_training(config: TrainConfig, out: Path, *, resume: str | Path | None = 
     return state, dataset
 
 
-def replicas_record(replicas: Replicas | None) -> dict | None:
+def replicas_record(replicas: Replicas) -> dict | None:
     """What summary.json says about ranks and BN statistics; nothing for a plain one-process run."""
-    if replicas is None or not (replicas.distributed or replicas.recalibrate_bn):
+    if not (replicas.distributed or replicas.recalibrate_bn):
         return None
     return replicas.to_json()
 
@@ -231,11 +231,12 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
     """The main job. Under torchrun every rank trains; rank 0 alone exports, checks and writes
     (the others return (None, None) once the statistics are pooled). ``compare_bn`` also trains
     the twin with BatchNorm switched, for the curves figure."""
+    replicas = replicas or Replicas()
     seconds: dict[str, float] = {}
     recorder = TrainingRecorder()
     state, dataset = run_training(config, out, resume=resume, progress=progress, seconds=seconds,
                                   replicas=replicas, recorder=recorder)
-    if replicas is not None and not replicas.is_main:
+    if not replicas.is_main:
         return None, None
     runs = [recorder.curves(state.history, batch_norm=config.batch_norm)]
     if compare_bn:
@@ -278,9 +279,10 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
 def train_only(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True,
                replicas: Replicas | None = None) -> RunSummary | None:
     """Train and write checkpoint, history and summary; under torchrun only rank 0 returns a summary."""
+    replicas = replicas or Replicas()
     seconds: dict[str, float] = {}
     state, dataset = run_training(config, out, resume=resume, progress=progress, seconds=seconds, replicas=replicas)
-    if replicas is not None and not replicas.is_main:
+    if not replicas.is_main:
         return None
     summary = RunSummary(
         dataset=dataset.describe(), config=config.to_json(), epochs=state.epoch,
