@@ -13,8 +13,8 @@ from pathlib import Path
 
 # Only light modules at the top: `--help`, `view` and `inspect` should not wait for torch.
 from .config import (BENCH_BATCHES, BENCH_MIN_SECONDS, DATASETS, DEFAULT_ATOL, DEFAULT_DIST_TIMEOUT_S, DEFAULT_FIGURE_FORMAT,
-                     DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES, FIGURE_FORMATS, NETRON_PORT, SCHEDULES, Tolerance,
-                     TrainConfig, tolerance_for)
+                     DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES, FIGURE_FORMATS, GUESSED_BATCH, GUESSED_IMAGE_SIDE,
+                     GUESSED_LENGTH, NETRON_PORT, SCHEDULES, Tolerance, TrainConfig, tolerance_for)
 from .errors import BnexportError
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_BAD_INPUT, EXIT_PEER_FAILED = 0, 1, 2, 3
@@ -301,8 +301,8 @@ def cmd_view(args: argparse.Namespace) -> int:
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", type=input_shape_arg, action="append", default=None, metavar="[NAME=]N,C,H,W",
                         help="shape of a seeded check input, NAME=DIMS once per input (a bare shape for a one-input "
-                             "model); default: the model's, dynamic dims guessed (batch 1, image sides 224, "
-                             "other lengths 128) and printed")
+                             f"model); default: the model's, dynamic dims guessed (batch {GUESSED_BATCH}, image sides "
+                             f"{GUESSED_IMAGE_SIDE}, other lengths {GUESSED_LENGTH}) and printed")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the check input (default: %(default)s)")
 
 

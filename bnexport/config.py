@@ -17,6 +17,14 @@ DEFAULT_RTOL = 1e-4
 # The seeded parity batch drawn from the test split.
 PARITY_BATCH_SIZE = 64
 
+# A check input's dynamic dims, where the model leaves them open and no --input-shape is
+# given (``bnexport.parity.inputs.guessed_dim`` has the rule): sizes a real input would have.
+GUESSED_BATCH = 1
+GUESSED_CHANNELS = 3  # a dynamic channel dim of an image input
+GUESSED_IMAGE_SIDE = 224  # height and width of a 4-D image input (ImageNet)
+GUESSED_CLIP_FRAMES, GUESSED_CLIP_SIDE = 16, 112  # depth, height and width of a 5-D video input (r3d, x3d, slow_r50)
+GUESSED_LENGTH = 128  # any other dynamic dim: tokens, samples, features
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
@@ -155,6 +163,12 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "DEVICES",
     "FIGURE_FORMATS",
+    "GUESSED_BATCH",
+    "GUESSED_CHANNELS",
+    "GUESSED_CLIP_FRAMES",
+    "GUESSED_CLIP_SIDE",
+    "GUESSED_IMAGE_SIDE",
+    "GUESSED_LENGTH",
     "INPUT_NAME",
     "MACHINE_EPSILON",
     "NETRON_PORT",
