@@ -18,7 +18,7 @@ import numpy as np
 import onnx
 import torch
 
-from .config import DEFAULT_SEED
+from .config import BENCH_BATCHES, BENCH_MIN_RUNS, BENCH_MIN_SECONDS, BENCH_WARMUP, DEFAULT_SEED
 from .tables import format_table
 
 Runner = Callable[[np.ndarray], object]
@@ -51,7 +51,8 @@ class BenchReport:
         return format_table(rows) + f"\n{self.model}; {self.threads} thread(s) for torch and ONNX Runtime; median of repeated calls"
 
 
-def measure(run: Callable[[], object], *, warmup: int = 3, min_runs: int = 10, min_seconds: float = 0.5) -> list[float]:
+def measure(run: Callable[[], object], *, warmup: int = BENCH_WARMUP, min_runs: int = BENCH_MIN_RUNS,
+            min_seconds: float = BENCH_MIN_SECONDS) -> list[float]:
     """Seconds per call, after ``warmup`` calls."""
     for _ in range(warmup):
         run()
@@ -64,8 +65,9 @@ def measure(run: Callable[[], object], *, warmup: int = 3, min_runs: int = 10, m
     return times
 
 
-def bench(runners: dict[str, Runner], input_shape: tuple[int, ...], *, batches: tuple[int, ...] = (1, 64),
-          model: str = "model", seed: int = DEFAULT_SEED, min_seconds: float = 0.5, min_runs: int = 10) -> BenchReport:
+def bench(runners: dict[str, Runner], input_shape: tuple[int, ...], *, batches: tuple[int, ...] = BENCH_BATCHES,
+          model: str = "model", seed: int = DEFAULT_SEED, min_seconds: float = BENCH_MIN_SECONDS,
+          min_runs: int = BENCH_MIN_RUNS) -> BenchReport:
     """Time every runner at every batch size; the first runner is the baseline."""
     from .parity.compare import seeded_input
 

@@ -13,8 +13,9 @@ import sys
 from pathlib import Path
 
 # Only light modules at the top: `--help`, `view` and `inspect` should not wait for torch.
-from .config import (DATASETS, DEFAULT_ATOL, DEFAULT_DIST_TIMEOUT_S, DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES,
-                     Tolerance, TrainConfig, tolerance_for)
+from .config import (BENCH_BATCHES, BENCH_MIN_SECONDS, DATASETS, DEFAULT_ATOL, DEFAULT_DIST_TIMEOUT_S, DEFAULT_FIGURE_FORMAT,
+                     DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES, FIGURE_FORMATS, GUESSED_BATCH, GUESSED_IMAGE_SIDE,
+                     GUESSED_LENGTH, NETRON_PORT, SCHEDULES, Tolerance, TrainConfig, tolerance_for)
 from .errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, BnexportError, CheckFailed, exit_code_for, reported_here
 
 
@@ -116,7 +117,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--epochs", type=positive_int, default=defaults.epochs, help="total epochs (default: %(default)s)")
     group.add_argument("--batch-size", type=positive_int, default=defaults.batch_size, help="default: %(default)s")
     group.add_argument("--lr", type=positive_float, default=defaults.lr, help="Adam learning rate (default: %(default)s)")
-    group.add_argument("--schedule", choices=("cosine", "constant"), default=defaults.schedule,
+    group.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
                        help="learning-rate schedule over the run (default: %(default)s)")
     group.add_argument("--shift", type=int, default=defaults.shift, metavar="PIXELS",
                        help="random-shift augmentation of up to PIXELS; 0 turns it off (default: %(default)s)")
@@ -150,7 +151,8 @@ def add_visualize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR,
                         help="folder of a train-and-export run; figures go to OUT/figures (default: %(default)s)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="checkpoint to draw (default: OUT/checkpoint.pt)")
-    parser.add_argument("--format", choices=("png", "svg"), default="png", help="figure format (default: %(default)s)")
+    parser.add_argument("--format", choices=FIGURE_FORMATS, default=DEFAULT_FIGURE_FORMAT,
+                        help="figure format (default: %(default)s)")
 
 
 def port_number(text: str) -> int:
@@ -165,7 +167,7 @@ def port_number(text: str) -> int:
 
 def add_view_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("models", nargs="+", type=Path, metavar="MODEL", help="ONNX model files")
-    parser.add_argument("--port", type=port_number, default=8080,
+    parser.add_argument("--port", type=port_number, default=NETRON_PORT,
                         help="port of the first model; the others take the next ones; 0 picks free ports (default: %(default)s)")
     parser.add_argument("--no-browser", action="store_true", help="print the URLs without opening a browser")
 
@@ -299,8 +301,8 @@ def cmd_view(args: argparse.Namespace) -> int:
 def add_check_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--input-shape", type=input_shape_arg, action="append", default=None, metavar="[NAME=]N,C,H,W",
                         help="shape of a seeded check input, NAME=DIMS once per input (a bare shape for a one-input "
-                             "model); default: the model's, dynamic dims guessed (batch 1, image sides 224, "
-                             "other lengths 128) and printed")
+                             f"model); default: the model's, dynamic dims guessed (batch {GUESSED_BATCH}, image sides "
+                             f"{GUESSED_IMAGE_SIDE}, other lengths {GUESSED_LENGTH}) and printed")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the check input (default: %(default)s)")
 
 
@@ -331,8 +333,9 @@ def add_parity_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", type=Path, help="an ONNX file or a bnexport checkpoint")
-    parser.add_argument("--batch", type=positive_int, nargs="+", default=[1, 64], help="batch sizes (default: 1 64)")
-    parser.add_argument("--min-seconds", type=positive_float, default=0.5, help="time each runner at least this long (default: %(default)s)")
+    parser.add_argument("--batch", type=positive_int, nargs="+", default=list(BENCH_BATCHES),
+                        help=f"batch sizes (default: {' '.join(map(str, BENCH_BATCHES))})")
+    parser.add_argument("--min-seconds", type=positive_float, default=BENCH_MIN_SECONDS, help="time each runner at least this long (default: %(default)s)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="threads for torch and ONNX Runtime (default: their own defaults)")
 

@@ -17,16 +17,40 @@ DEFAULT_RTOL = 1e-4
 # The seeded parity batch drawn from the test split.
 PARITY_BATCH_SIZE = 64
 
+# A check input's dynamic dims, where the model leaves them open and no --input-shape is
+# given (``bnexport.parity.inputs.guessed_dim`` has the rule): sizes a real input would have.
+GUESSED_BATCH = 1
+GUESSED_CHANNELS = 3  # a dynamic channel dim of an image input
+GUESSED_IMAGE_SIDE = 224  # height and width of a 4-D image input (ImageNet)
+GUESSED_CLIP_FRAMES, GUESSED_CLIP_SIDE = 16, 112  # depth, height and width of a 5-D video input (r3d, x3d, slow_r50)
+GUESSED_LENGTH = 128  # any other dynamic dim: tokens, samples, features
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
 
 DEFAULT_OUT_DIR = Path("artifacts")
 
+SCHEDULES = ("cosine", "constant")  # the learning rate over a run: annealed to 0 per step, or fixed
+
 DEVICES = ("auto", "cpu", "cuda")
 # Under torchrun, how long a rank waits for the others in any collective before it stops:
 # a dead or silent peer ends the run with an error instead of a hang.
 DEFAULT_DIST_TIMEOUT_S = 300.0
+
+# `bench`: each runner is called BENCH_WARMUP times untimed, then timed until it has made at
+# least BENCH_MIN_RUNS calls and spent at least BENCH_MIN_SECONDS, at each batch size.
+BENCH_BATCHES = (1, 64)
+BENCH_WARMUP = 3
+BENCH_MIN_RUNS = 10
+BENCH_MIN_SECONDS = 0.5
+
+# `view`: Netron's own default port, for the first model; the others take the next ones.
+NETRON_PORT = 8080
+
+# `visualize`: the figure formats matplotlib writes for the report, the first the default.
+FIGURE_FORMATS = ("png", "svg")
+DEFAULT_FIGURE_FORMAT = FIGURE_FORMATS[0]
 
 
 @dataclass(frozen=True)
@@ -64,7 +88,7 @@ class TrainConfig:
     epochs: int = 5
     batch_size: int = 64  # as in the article
     lr: float = 3e-3  # Adam's peak learning rate; the article used 1e-3 with no schedule
-    schedule: str = "cosine"  # cosine: anneal to 0 over the run, per step | constant
+    schedule: str = SCHEDULES[0]  # cosine: anneal to 0 over the run, per step | constant
     shift: int = 2  # random translation of up to this many pixels; 0 turns augmentation off
     seed: int = DEFAULT_SEED
     batch_norm: bool = True  # False builds the --no-bn variant
@@ -124,19 +148,33 @@ def tolerance_for(dtype_name: str, *, base: Tolerance = DEFAULT_TOLERANCE) -> To
 
 __all__ = [
     "ARTIFACTS",
+    "BENCH_BATCHES",
+    "BENCH_MIN_RUNS",
+    "BENCH_MIN_SECONDS",
+    "BENCH_WARMUP",
     "DATASETS",
     "DEFAULT_ATOL",
     "DEFAULT_DIST_TIMEOUT_S",
+    "DEFAULT_FIGURE_FORMAT",
     "DEFAULT_OPSET",
     "DEFAULT_OUT_DIR",
     "DEFAULT_RTOL",
     "DEFAULT_SEED",
     "DEFAULT_TOLERANCE",
     "DEVICES",
+    "FIGURE_FORMATS",
+    "GUESSED_BATCH",
+    "GUESSED_CHANNELS",
+    "GUESSED_CLIP_FRAMES",
+    "GUESSED_CLIP_SIDE",
+    "GUESSED_IMAGE_SIDE",
+    "GUESSED_LENGTH",
     "INPUT_NAME",
     "MACHINE_EPSILON",
+    "NETRON_PORT",
     "OUTPUT_NAME",
     "PARITY_BATCH_SIZE",
+    "SCHEDULES",
     "TrainConfig",
     "Tolerance",
     "tolerance_for",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import DATASETS, TrainConfig
+from .config import DATASETS, DEFAULT_SEED, PARITY_BATCH_SIZE, TrainConfig
 from .errors import BnexportError
 
 NUM_CLASSES = 10
@@ -181,7 +181,7 @@ def random_shift(images: torch.Tensor, max_shift: int, *, generator: torch.Gener
     return padded[torch.arange(n).view(n, 1, 1, 1), torch.arange(channels).view(1, channels, 1, 1), rows, cols]
 
 
-def parity_batch(dataset: Dataset, *, seed: int = 0, size: int = 64) -> torch.Tensor:
+def parity_batch(dataset: Dataset, *, seed: int = DEFAULT_SEED, size: int = PARITY_BATCH_SIZE) -> torch.Tensor:
     """One fixed, seeded batch from the test split: the input of every parity check."""
     generator = torch.Generator().manual_seed(seed)
     size = min(size, len(dataset.test_labels))

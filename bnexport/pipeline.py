@@ -17,7 +17,7 @@ import torch
 
 from .export import writers as exporters
 from .artifacts import atomic_path, library_versions, write_json, write_manifest
-from .config import ARTIFACTS, DEFAULT_TOLERANCE, PARITY_BATCH_SIZE, Tolerance, TrainConfig
+from .config import ARTIFACTS, DEFAULT_FIGURE_FORMAT, DEFAULT_TOLERANCE, PARITY_BATCH_SIZE, SCHEDULES, Tolerance, TrainConfig
 from .data import Dataset, load_for_config, parity_batch
 from .distributed.process_group import Replicas
 from .errors import BnexportError
@@ -26,9 +26,9 @@ from .model import count_batchnorm
 from .parity.compare import ParityReport, run_parity
 from .parity.runners import (eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
                               torchscript_runner)
-from .train.recording import TrainingRecorder, total_steps, train_twin
+from .train.recording import TrainingRecorder, train_twin
 from .tables import format_table
-from .train.loop import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, train
+from .train.loop import TrainState, load_checkpoint, new_state, resume_state, save_checkpoint, total_steps, train
 
 FILE_DESCRIPTIONS = {
     ARTIFACTS.checkpoint: "trained weights, optimizer state, config and library versions (torch.load weights_only=True)",
@@ -153,16 +153,25 @@ def run_training(config: TrainConfig, out: Path, *, resume: str | Path | None = 
     return state, dataset
 
 
-def replicas_record(replicas: Replicas | None) -> dict | None:
+def replicas_record(replicas: Replicas) -> dict | None:
     """What summary.json says about ranks and BN statistics; nothing for a plain one-process run."""
-    if replicas is None or not (replicas.distributed or replicas.recalibrate_bn):
+    if not (replicas.distributed or replicas.recalibrate_bn):
         return None
     return replicas.to_json()
 
 
+@dataclass
+class Exports:
+    """What ``export_all`` wrote, as the later stages use it."""
+
+    fold_reports: dict  # fold.json: the torch and the ONNX fold
+    onnx_ops: dict[str, dict[str, int]]  # op counts of model.onnx and model.folded.onnx
+    onnx_models: tuple[onnx.ModelProto, onnx.ModelProto]  # model.onnx and model.folded.onnx
+
+
 def export_all(model: torch.nn.Module, folded_module: torch.nn.Module, torch_report: FoldReport,
-               example: torch.Tensor, out: Path) -> tuple[dict, dict[str, dict[str, int]]]:
-    """Write every export, BN kept and folded; return (fold reports, ONNX op counts)."""
+               example: torch.Tensor, out: Path) -> Exports:
+    """Write every export, BN kept and folded, and fold.json."""
     exporters.export_torchscript(model, out / ARTIFACTS.torchscript)
     exporters.export_torchscript(folded_module, out / ARTIFACTS.torchscript_folded)
     exporters.export_program(model, example, out / ARTIFACTS.exported_program)
@@ -178,12 +187,13 @@ def export_all(model: torch.nn.Module, folded_module: torch.nn.Module, torch_rep
     exporters.save_onnx(folded_onnx, out / ARTIFACTS.onnx_folded)
     reports = {"torch": torch_report.to_json(), "onnx": onnx_report.to_json()}
     write_json(out / ARTIFACTS.fold_report, reports)
-    return reports, ops
+    return Exports(reports, ops, (onnx_model, folded_onnx))
 
 
 def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: Path, inputs: torch.Tensor, *,
-                  seed: int, tolerance: Tolerance = DEFAULT_TOLERANCE) -> ParityReport:
-    """Every export against the unfolded eager model, on the same seeded test batch."""
+                  seed: int, tolerance: Tolerance = DEFAULT_TOLERANCE) -> tuple[ParityReport, dict[str, np.ndarray]]:
+    """Every export against the unfolded eager model, on the same seeded test batch; writes
+    parity.json and parity_outputs.npz, and returns the report and those raw outputs."""
     candidates = {
         "eager folded": eager_runner(folded_module),
         "TorchScript": torchscript_runner(out / ARTIFACTS.torchscript),
@@ -212,21 +222,22 @@ def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: P
     write_json(out / ARTIFACTS.parity, report.to_json())
     with atomic_path(out / ARTIFACTS.parity_outputs) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, **outputs)
-    return report
+    return report, outputs
 
 
 def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True,
                      tolerance: Tolerance = DEFAULT_TOLERANCE, compare_bn: bool = True,
-                     figure_format: str = "png",
+                     figure_format: str = DEFAULT_FIGURE_FORMAT,
                      replicas: Replicas | None = None) -> tuple[RunSummary | None, ParityReport | None]:
     """The main job. Under torchrun every rank trains; rank 0 alone exports, checks and writes
     (the others return (None, None) once the statistics are pooled). ``compare_bn`` also trains
     the twin with BatchNorm switched, for the curves figure."""
+    replicas = replicas or Replicas()
     seconds: dict[str, float] = {}
     recorder = TrainingRecorder()
     state, dataset = run_training(config, out, resume=resume, progress=progress, seconds=seconds,
                                   replicas=replicas, recorder=recorder)
-    if replicas is not None and not replicas.is_main:
+    if not replicas.is_main:
         return None, None
     runs = [recorder.curves(state.history, batch_norm=config.batch_norm)]
     if compare_bn:
@@ -240,20 +251,27 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
     inputs = parity_batch(dataset, seed=config.seed, size=PARITY_BATCH_SIZE)
     with _timed(seconds, "export"):
         folded_module, torch_report = fold_module(model, check=False)  # checked below, with every export
-        reports, ops = export_all(model, folded_module, torch_report, inputs[:2], out)
+        exports = export_all(model, folded_module, torch_report, inputs[:2], out)
     with _timed(seconds, "parity"):
-        parity = check_exports(model, folded_module, out, inputs, seed=config.seed, tolerance=tolerance)
+        parity, outputs = check_exports(model, folded_module, out, inputs, seed=config.seed, tolerance=tolerance)
     summary = RunSummary(
         dataset=dataset.describe(), config=config.to_json(), epochs=state.epoch,
         test_accuracy=state.history.test_accuracy[-1] if state.history.test_accuracy else None,
-        batchnorm_layers=count_batchnorm(model), batchnorm_folded=reports["onnx"]["folded"],
-        onnx_ops=ops, parity_passed=parity.passed, stage_seconds=seconds, replicas=replicas_record(replicas),
+        batchnorm_layers=count_batchnorm(model), batchnorm_folded=exports.fold_reports["onnx"]["folded"],
+        onnx_ops=exports.onnx_ops, parity_passed=parity.passed, stage_seconds=seconds, replicas=replicas_record(replicas),
     )
-    write_json(out / ARTIFACTS.summary, summary.to_json())
-    from .viz.visualize import visualize  # matplotlib is needed by this stage only, not by `train`
+    from .viz.visualize import VisualizeInputs, visualize  # matplotlib is needed by this stage only, not by `train`
 
+    # What the run holds, as visualize would read it back from the files written above. The
+    # report shows the summary as it stands before this stage; summary.json, written once
+    # after it, adds the stage's own seconds.
+    held = VisualizeInputs(
+        model=model, config=config, dataset=dataset, history=state.history, parity=parity.to_json(),
+        parity_outputs=outputs, fold=exports.fold_reports, onnx_models=exports.onnx_models, runs=runs,
+        bn_stats=recorder.bn_stats(state.history) if recorder.stats.layers else None, summary=summary.to_json(),
+    )
     with _timed(seconds, "visualize"):
-        figures = visualize(out, figure_format=figure_format)
+        figures = visualize(out, figure_format=figure_format, inputs=held)
     write_json(out / ARTIFACTS.summary, summary.to_json())
     write_manifest(out, {**FILE_DESCRIPTIONS, **figures.descriptions()}, name=ARTIFACTS.manifest)
     return summary, parity
@@ -262,9 +280,10 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
 def train_only(config: TrainConfig, out: Path, *, resume: str | Path | None = None, progress: bool = True,
                replicas: Replicas | None = None) -> RunSummary | None:
     """Train and write checkpoint, history and summary; under torchrun only rank 0 returns a summary."""
+    replicas = replicas or Replicas()
     seconds: dict[str, float] = {}
     state, dataset = run_training(config, out, resume=resume, progress=progress, seconds=seconds, replicas=replicas)
-    if replicas is not None and not replicas.is_main:
+    if not replicas.is_main:
         return None
     summary = RunSummary(
         dataset=dataset.describe(), config=config.to_json(), epochs=state.epoch,
@@ -286,5 +305,5 @@ def validate_config(config: TrainConfig) -> None:
         raise BnexportError(f"--lr must be positive, got {config.lr}")
     if config.shift < 0:
         raise BnexportError(f"--shift must be 0 or more pixels, got {config.shift}")
-    if config.schedule not in ("cosine", "constant"):
-        raise BnexportError(f"--schedule must be cosine or constant, got {config.schedule!r}")
+    if config.schedule not in SCHEDULES:
+        raise BnexportError(f"--schedule must be {' or '.join(SCHEDULES)}, got {config.schedule!r}")

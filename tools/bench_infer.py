@@ -25,6 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bnexport.bench import bench, module_runners  # noqa: E402
+from bnexport.config import BENCH_BATCHES  # noqa: E402
 from bnexport.model import ModelSpec, build_model  # noqa: E402
 
 
@@ -50,7 +51,7 @@ def models() -> dict[str, tuple[nn.Module, tuple[int, ...]]]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batch", type=int, nargs="+", default=[1, 64])
+    parser.add_argument("--batch", type=int, nargs="+", default=list(BENCH_BATCHES))
     parser.add_argument("--min-seconds", type=float, default=1.0)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--threads", type=int, default=1,

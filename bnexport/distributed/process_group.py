@@ -39,7 +39,6 @@ from ..config import DEFAULT_DIST_TIMEOUT_S, DEVICES
 from ..errors import BnexportError, DistributedFailure, SharedError, first_line
 
 BACKENDS = {"cpu": "gloo", "cuda": "nccl"}
-DEFAULT_TIMEOUT_S = DEFAULT_DIST_TIMEOUT_S
 RANK_SEED_STRIDE = 1_000_003  # gives each rank its own augmentation stream; rank 0 keeps the one-process stream
 
 T = TypeVar("T")
@@ -145,7 +144,7 @@ class Replicas:
     backend: str | None = None  # None: no process group (run without torchrun)
     sync_bn: bool = False
     recalibrate_bn: bool = False
-    timeout_s: float = DEFAULT_TIMEOUT_S
+    timeout_s: float = DEFAULT_DIST_TIMEOUT_S
     epochs: list[dict] = field(default_factory=list)  # what end_epoch measured, epoch by epoch
     recalibration: dict | None = None
     fingerprints: list[str] = field(default_factory=list)  # sha256 of each rank's BN buffers at the end
@@ -449,7 +448,7 @@ def _first_line(err: BaseException) -> str:
 
 @contextmanager
 def process_group(*, device: str = "auto", sync_bn: bool = False, recalibrate_bn: bool = False,
-                  timeout_s: float = DEFAULT_TIMEOUT_S, env: Mapping[str, str] | None = None) -> Iterator[Replicas]:
+                  timeout_s: float = DEFAULT_DIST_TIMEOUT_S, env: Mapping[str, str] | None = None) -> Iterator[Replicas]:
     """Join torchrun's process group for the ``with`` block, or run as one process without it.
 
     Every collective waits at most ``timeout_s``; a dead or silent peer becomes a

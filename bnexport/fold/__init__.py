@@ -13,7 +13,7 @@ The ONNX side (``fold_onnx``, ``load_onnx``, ``fold_file`` of an ONNX file) neve
 from __future__ import annotations
 
 from ..errors import CheckFailed
-from .onnx_file import fold_onnx, load_onnx, model_input_dtype, model_input_shape, uses_external_data
+from .onnx_file import fold_onnx, load_onnx, model_input_shape, uses_external_data
 from .fold_report import FOLDED, KEPT, REASON_CODES, FoldRecord, FoldReport
 
 
@@ -30,4 +30,4 @@ def __getattr__(name: str):
 
 
 __all__ = ["FOLDED", "KEPT", "REASON_CODES", "CheckFailed", "FoldRecord", "FoldReport", "fold_file", "fold_module", "fold_onnx",
-           "load_onnx", "model_input_dtype", "model_input_shape", "uses_external_data"]
+           "load_onnx", "model_input_shape", "uses_external_data"]

@@ -91,7 +91,6 @@ def fold_onnx(
     *,
     check: bool = True,
     input_shapes: Mapping[str, tuple[int, ...]] | tuple[int, ...] | None = None,
-    input_shape: tuple[int, ...] | None = None,
     seed: int = DEFAULT_SEED,
     tolerance: Tolerance | None = None,
     stored_at: str | Path | None = None,
@@ -101,9 +100,9 @@ def fold_onnx(
 
     With ``check`` the result must pass ``onnx.checker`` (full check), and both graphs run in
     ONNX Runtime, graph optimisations off, on seeded values for every graph input, each of its
-    own dtype. ``input_shapes`` maps input names to shapes (a bare tuple, or the older
-    ``input_shape``, is the shape of a model's only input); inputs left out take the model's
-    shape with dynamic dims guessed as ``bnexport.parity.inputs.guessed_dim`` says. ``tolerance``
+    own dtype. ``input_shapes`` maps input names to shapes (a bare tuple is the shape of a
+    model's only input); inputs left out take the model's shape with dynamic dims guessed as
+    ``bnexport.parity.inputs.guessed_dim`` says. ``tolerance``
     None follows the model's dtype (``bnexport.config.tolerance_for``). ``report.parity`` holds
     the result, with the shape and dtype of every input fed. ``stored_at`` names the file a
     ModelProto was read from, so that ONNX Runtime reads the reference from disk rather than
@@ -113,7 +112,6 @@ def fold_onnx(
     initializers that are also graph inputs (IR >= 4), which are otherwise kept.
     """
     original = load_onnx(model)
-    shapes = input_shapes if input_shapes is not None else input_shape
     try:
         folded, report = fold_graph(original, fold_overridable=fold_overridable)
         ensure_valid(original, folded, report)  # with or without the check: never hand back a model that cannot load
@@ -123,7 +121,7 @@ def fold_onnx(
         raise
     if check and report.folded:
         stored_at = Path(model) if isinstance(model, (str, Path)) else stored_at
-        _check_onnx(original, folded, report, shapes, seed=seed, tolerance=tolerance, stored_at=stored_at)
+        _check_onnx(original, folded, report, input_shapes, seed=seed, tolerance=tolerance, stored_at=stored_at)
     return folded, report
 
 
@@ -164,11 +162,3 @@ def model_input_shape(model: onnx.ModelProto, shape: tuple[int, ...] | None = No
         names = ", ".join(i.name for i in _data_inputs(model))
         raise BnexportError(f"the model has {len(_data_inputs(model))} inputs ({names}); this needs one")
     return input_feeds(model, shape)[0].shape
-
-
-def model_input_dtype(model: onnx.ModelProto) -> np.dtype:
-    """The first graph input's dtype (float32 when the model leaves it unset)."""
-    from ..parity.inputs import input_specs, numpy_dtype
-
-    specs = input_specs(model)
-    return numpy_dtype(specs[0].dtype) if specs else np.dtype(np.float32)

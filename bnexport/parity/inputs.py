@@ -21,17 +21,13 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from ..config import DEFAULT_SEED, MACHINE_EPSILON
+from ..config import (DEFAULT_SEED, GUESSED_BATCH, GUESSED_CHANNELS, GUESSED_CLIP_FRAMES, GUESSED_CLIP_SIDE,
+                      GUESSED_IMAGE_SIDE, GUESSED_LENGTH, MACHINE_EPSILON)
 from ..errors import BnexportError
 
 Shape = tuple[int, ...]
 Dim = int | str | None  # fixed size, name of a dynamic dim, or an unnamed dynamic dim
 
-BATCH = 1
-CHANNELS = 3  # a dynamic channel dim of an image input
-IMAGE_SIDE = 224  # height and width of a 4-D image input (ImageNet)
-CLIP_FRAMES, CLIP_SIDE = 16, 112  # depth, height and width of a 5-D video input (r3d, x3d, slow_r50)
-SEQUENCE = 128  # any other dynamic dim: tokens, samples, features
 INTEGER_VALUES = 10  # integer inputs draw from 0..9
 
 
@@ -101,14 +97,14 @@ def guessed_dim(rank: int, axis: int, dims: tuple[Dim, ...]) -> int:
     length, a feature count, a 1-D input) gets 128.
     """
     if axis == 0 and rank >= 2:
-        return BATCH
+        return GUESSED_BATCH
     if rank == 4:
         channels_last = isinstance(dims[3], int) and dims[3] <= 4 and not isinstance(dims[1], int)
         spatial, channel = ((1, 2), 3) if channels_last else ((2, 3), 1)
-        return IMAGE_SIDE if axis in spatial else CHANNELS if axis == channel else SEQUENCE
+        return GUESSED_IMAGE_SIDE if axis in spatial else GUESSED_CHANNELS if axis == channel else GUESSED_LENGTH
     if rank == 5:
-        return {1: CHANNELS, 2: CLIP_FRAMES}.get(axis, CLIP_SIDE)
-    return SEQUENCE
+        return {1: GUESSED_CHANNELS, 2: GUESSED_CLIP_FRAMES}.get(axis, GUESSED_CLIP_SIDE)
+    return GUESSED_LENGTH
 
 
 def input_feeds(model: onnx.ModelProto, shapes: Mapping[str, Shape] | Shape | None = None) -> list[Feed]:

@@ -111,6 +111,15 @@ def steps_per_epoch(num_samples: int, config: TrainConfig) -> int:
     return min(steps, config.max_steps) if config.max_steps else steps
 
 
+def total_steps(config: TrainConfig, dataset: Dataset, *, replicas: Replicas | None = None) -> int:
+    """Optimizer steps in the whole run; under torchrun, those of one rank's shard (``replicas``
+    decides the shard). The learning-rate schedule spans them, and a recorder spaces its probes over them."""
+    samples = len(dataset.train_labels)
+    if replicas is not None:
+        samples = replicas.shard_size(samples)
+    return config.epochs * steps_per_epoch(samples, config)
+
+
 def learning_rate(config: TrainConfig, step: int, total_steps: int) -> float:
     """The rate at a global step: constant, or cosine-annealed from ``lr`` towards 0 over the run.
 
@@ -158,8 +167,8 @@ def train(
     config = state.config
     replicas = replicas or Replicas()
     images, labels = dataset.train_images, dataset.train_labels
-    epoch_steps = steps_per_epoch(replicas.shard_size(len(labels)), config)
-    total_steps = config.epochs * epoch_steps
+    run_steps = total_steps(config, dataset, replicas=replicas)
+    epoch_steps = run_steps // config.epochs  # every epoch takes as many
     with replicas.parallel(state.model, state.optimizer) as net:
         for epoch in range(state.epoch, config.epochs):
             order = replicas.shard(epoch_order(len(labels), seed=config.seed, epoch=epoch))
@@ -169,7 +178,7 @@ def train(
                     net, state.optimizer, images, labels,
                     order=order, batch_size=config.batch_size, max_steps=config.max_steps,
                     shift=config.shift, generator=epoch_generator(seed=replicas.augment_seed(config.seed + 1), epoch=epoch),
-                    lr_for_step=lambda step: learning_rate(config, step, total_steps),
+                    lr_for_step=lambda step: learning_rate(config, step, run_steps),
                     progress=bar, on_step=on_step, first_step=len(state.history.step_loss),
                 )
             losses = replicas.end_epoch(state.model, losses, epoch=epoch, final=epoch + 1 == config.epochs,

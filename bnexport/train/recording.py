@@ -22,7 +22,7 @@ from torch import nn
 from ..config import TrainConfig
 from ..data import Dataset
 from ..model import BN_TYPES
-from .loop import evaluate, new_state, steps_per_epoch, train
+from .loop import evaluate, new_state, total_steps, train
 
 # Channels recorded per BN layer: enough for the figure, and a ResNet's 512-channel
 # layers would otherwise make bn_stats.json tens of megabytes.
@@ -182,14 +182,6 @@ class TrainingRecorder:
             test_accuracy=list(history.test_accuracy), accuracy_steps=list(self.accuracy_steps),
             accuracy_probe=list(self.accuracy_probe), train_seconds=round(self.seconds, 3),
         )
-
-
-def total_steps(config: TrainConfig, dataset: Dataset, *, replicas=None) -> int:
-    """Optimizer steps in the whole run; under torchrun, those of one rank's shard."""
-    samples = len(dataset.train_labels)
-    if replicas is not None:
-        samples = replicas.shard_size(samples)
-    return config.epochs * steps_per_epoch(samples, config)
 
 
 def train_twin(config: TrainConfig, dataset: Dataset, *, progress: bool = True) -> RunCurves:

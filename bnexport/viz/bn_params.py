@@ -27,7 +27,6 @@ from .activations import NO_BN_MESSAGE
 from .common import COLOR_BEFORE, COLOR_FLAG, message_figure, new_figure, save_figure
 
 GAMMA_DEAD = 1e-5  # |γ| at or below this multiplies the channel away
-FP16_MAX = float(np.finfo(np.float16).max)  # 65504
 
 
 @dataclass

@@ -13,8 +13,8 @@ import numpy as np  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from ..artifacts import atomic_path  # noqa: E402
+from ..config import FIGURE_FORMATS  # noqa: E402
 
-FORMATS = ("png", "svg")
 PNG_DPI = 120  # sharp on a laptop screen at 100% zoom, and a few hundred kB per figure
 
 # One colour per meaning, the same in every figure.
@@ -48,8 +48,8 @@ def save_figure(figure: Figure, path: str | Path) -> Path:
     """Write ``figure`` atomically; the format follows the suffix (.png or .svg)."""
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
-    if fmt not in FORMATS:
-        raise ValueError(f"figure format must be one of {FORMATS}, got {fmt!r}")
+    if fmt not in FIGURE_FORMATS:
+        raise ValueError(f"figure format must be one of {FIGURE_FORMATS}, got {fmt!r}")
     metadata = {"Software": None} if fmt == "png" else {"Date": None, "Creator": None}  # reproducible bytes
     with atomic_path(path) as tmp, open(tmp, "wb") as handle:
         figure.savefig(handle, format=fmt, dpi=PNG_DPI, metadata=metadata)

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from ..config import NETRON_PORT
 from ..errors import BnexportError, first_line
 
 HOST = "127.0.0.1"  # loopback only: a model is not published to the network by accident
-DEFAULT_PORT = 8080  # netron's own default
 START_TIMEOUT_S = 20.0
 
 # The child: serve one file, say so, and serve until Ctrl-C or until its parent is gone,
@@ -126,7 +126,7 @@ def _stop(process: subprocess.Popen) -> None:
         process.stdout.close()
 
 
-def start(models: list[str | Path], *, port: int = DEFAULT_PORT) -> list[ServedModel]:
+def start(models: list[str | Path], *, port: int = NETRON_PORT) -> list[ServedModel]:
     """Check every file, then serve each on its own port; return once all are verified."""
     paths = [check_model(model) for model in models]
     ports = choose_ports(len(paths), port)

@@ -1,9 +1,10 @@
-"""The viz stage: read a run's artifacts, write every figure and report.html.
+"""The viz stage: write every figure and report.html from a run's model, data and results.
 
-``visualize(out)`` needs what ``train-and-export`` wrote into ``out`` (the checkpoint, both
-ONNX files, fold.json, parity.json and parity_outputs.npz); bn_stats.json and
-training_curves.json are used when present. Each figure is a pure function in
-``bnexport/viz``; this module only loads the inputs, calls them and names the files.
+``visualize(out)`` reads what ``train-and-export`` wrote into ``out`` (the checkpoint, both
+ONNX files, fold.json, parity.json and parity_outputs.npz; bn_stats.json, training_curves.json
+and summary.json when present). The pipeline, which holds all of it in memory already, passes
+a ``VisualizeInputs`` instead and nothing is read back. Each figure is a pure function in
+``bnexport/viz``; this module only gathers the inputs, calls them and names the files.
 """
 
 from __future__ import annotations
@@ -13,11 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
+from torch import nn
 
 from ..artifacts import prepare_out_dir, read_json
-from ..config import ARTIFACTS, TrainConfig
-from ..data import parity_batch
+from ..config import ARTIFACTS, DEFAULT_FIGURE_FORMAT, FIGURE_FORMATS, TrainConfig
+from ..data import Dataset, parity_batch
 from ..errors import BnexportError
 from ..fold import load_onnx
 from ..train.recording import BNStats, RunCurves
@@ -26,7 +29,6 @@ from ..tables import format_table
 from ..train.loop import History, reopen_checkpoint
 from . import (bn_layer, bn_params, graph, parity_errors as parity_figures, running_stats, training,
                   activations as activation_figures)
-from .common import FORMATS
 
 VIZ_BATCH_SIZE = 256  # test images pushed through the model for the activation figures: ~200k values a channel
 REQUIRED = (ARTIFACTS.onnx, ARTIFACTS.onnx_folded, ARTIFACTS.fold_report, ARTIFACTS.parity, ARTIFACTS.parity_outputs)
@@ -79,23 +81,62 @@ def training_runs(out: Path, history: History, config: TrainConfig) -> list[RunC
                       epoch_end_step=history.epoch_end_step, test_accuracy=history.test_accuracy)]
 
 
-def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_format: str = "png") -> VisualizeResult:
-    """Write every figure into ``out/figures`` and ``out/report.html``; return what was written."""
-    started = time.perf_counter()
+@dataclass
+class VisualizeInputs:
+    """What the figures and the report are drawn from; each field names the file it is read from."""
+
+    model: nn.Module  # checkpoint.pt, eval mode
+    config: TrainConfig
+    dataset: Dataset  # the run's own data
+    history: History
+    parity: dict  # parity.json
+    parity_outputs: dict[str, np.ndarray]  # parity_outputs.npz
+    fold: dict  # fold.json
+    onnx_models: tuple[onnx.ModelProto, onnx.ModelProto]  # model.onnx and model.folded.onnx
+    runs: list[RunCurves]  # training_curves.json, or the checkpoint's own history
+    bn_stats: BNStats | None = None  # bn_stats.json
+    summary: dict | None = None  # summary.json
+
+
+def read_inputs(out: str | Path, *, checkpoint: str | Path | None = None) -> VisualizeInputs:
+    """Everything ``visualize`` draws, read from the files of a train-and-export run in ``out``."""
     out = Path(out)
-    if figure_format not in FORMATS:
-        raise BnexportError(f"--format must be one of {', '.join(FORMATS)}, got {figure_format!r}")
     hint = f"run `bnexport train-and-export --out {out}` first"
     checkpoint = _require(Path(checkpoint) if checkpoint else out / ARTIFACTS.checkpoint, hint)
     for name in REQUIRED:
         _require(out / name, hint)
     run = reopen_checkpoint(checkpoint)
-    model, config, dataset = run.model, run.config, run.dataset
     history = History.from_json(run.payload["history"])
-    images = parity_batch(dataset, seed=config.seed, size=VIZ_BATCH_SIZE)
-    parity = read_json(out / ARTIFACTS.parity)
     with np.load(out / ARTIFACTS.parity_outputs) as archive:
         outputs = {name: archive[name] for name in archive.files}
+    stats_json = _optional_json(out / ARTIFACTS.bn_stats)
+    return VisualizeInputs(
+        model=run.model, config=run.config, dataset=run.dataset, history=history,
+        parity=read_json(out / ARTIFACTS.parity), parity_outputs=outputs, fold=read_json(out / ARTIFACTS.fold_report),
+        onnx_models=(load_onnx(out / ARTIFACTS.onnx), load_onnx(out / ARTIFACTS.onnx_folded)),
+        runs=training_runs(out, history, run.config), bn_stats=BNStats.from_json(stats_json) if stats_json else None,
+        summary=_optional_json(out / ARTIFACTS.summary),
+    )
+
+
+def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_format: str = DEFAULT_FIGURE_FORMAT,
+              inputs: VisualizeInputs | None = None) -> VisualizeResult:
+    """Write every figure into ``out/figures`` and ``out/report.html``; return what was written.
+
+    ``inputs`` is what the run holds in memory; without it they are read from ``out``
+    (``checkpoint`` names another checkpoint than ``out/checkpoint.pt``).
+    """
+    started = time.perf_counter()
+    out = Path(out)
+    if figure_format not in FIGURE_FORMATS:
+        raise BnexportError(f"--format must be one of {', '.join(FIGURE_FORMATS)}, got {figure_format!r}")
+    if inputs is None:
+        inputs = read_inputs(out, checkpoint=checkpoint)
+    elif checkpoint is not None:
+        raise ValueError("visualize: pass inputs or a checkpoint to read them from, not both")
+    model, config, dataset, history = inputs.model, inputs.config, inputs.dataset, inputs.history
+    images = parity_batch(dataset, seed=config.seed, size=VIZ_BATCH_SIZE)
+    parity = inputs.parity
 
     prepare_out_dir(out / ARTIFACTS.figures)  # one clear line if the folder cannot be written
     result = VisualizeResult(out)
@@ -120,8 +161,7 @@ def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_f
         "Running mean and variance, γ, β and the fold scale γ/√(σ²+ε) of every channel. Red crosses: dead channels "
         "(γ≈0 or σ²≤ε); black squares: channels whose folded weights leave float16's range.",
         lambda path: bn_params.plot_bn_parameters(result.health, path))
-    stats_json = _optional_json(out / ARTIFACTS.bn_stats)
-    stats = BNStats.from_json(stats_json) if stats_json else None
+    stats = inputs.bn_stats
     no_stats = ("This model has no BatchNorm layers: there are no running statistics." if not layers
                 else f"{ARTIFACTS.bn_stats} not found: train-and-export records it while training.")
     add("bn_running_stats", "Running statistics tracking the batch statistics during training",
@@ -132,7 +172,7 @@ def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_f
         "Distribution of each BatchNorm's input and outputs on test images, and per channel the mean difference "
         "between the train-mode and eval-mode outputs.",
         lambda path: activation_figures.plot_activation_distributions(layers, path))
-    runs = training_runs(out, history, config)
+    runs = inputs.runs
     result.effects = training.training_effect(runs)
     add("training_curves", "Training with and without BatchNorm",
         "Loss per optimizer step (raw and smoothed) and test accuracy, for this run and its twin trained with "
@@ -141,9 +181,8 @@ def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_f
     add("graph_folding", "The ONNX graph before and after folding",
         f"{ARTIFACTS.onnx} with its BatchNormalization nodes in red, and {ARTIFACTS.onnx_folded} with the nodes that "
         "absorbed them in green.",
-        lambda path: graph.plot_folding_graphs(load_onnx(out / ARTIFACTS.onnx), load_onnx(out / ARTIFACTS.onnx_folded),
-                                               path, names=(ARTIFACTS.onnx, ARTIFACTS.onnx_folded)))
-    comparisons = parity_figures.comparisons_from_outputs(parity, outputs)
+        lambda path: graph.plot_folding_graphs(*inputs.onnx_models, path, names=(ARTIFACTS.onnx, ARTIFACTS.onnx_folded)))
+    comparisons = parity_figures.comparisons_from_outputs(parity, inputs.parity_outputs)
     add("parity", "Parity: every |Δ| against the threshold",
         f"For each comparison against {parity.get('reference', 'the reference')}, every output element's absolute "
         "difference on the parity batch, with the pass threshold in red.",
@@ -152,7 +191,7 @@ def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_f
     write_report(
         out, figures=result.figures, health=result.health, effects=result.effects,
         config=config.to_json(), dataset=dataset.describe(), history=history, parity=parity,
-        fold=read_json(out / ARTIFACTS.fold_report), summary=_optional_json(out / ARTIFACTS.summary),
+        fold=inputs.fold, summary=inputs.summary,
         onnx_files=[out / ARTIFACTS.onnx, out / ARTIFACTS.onnx_folded],
     )
     result.seconds = time.perf_counter() - started

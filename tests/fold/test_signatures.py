@@ -48,8 +48,8 @@ def test_given_shapes_are_used_and_recorded():
     _, report = fold_onnx(multi_input_model(), input_shapes=shapes)
     assert [f["shape"] for f in report.parity.inputs] == [[2, 3, 8, 8], [2, 8, 8, 8], [3], [2, 1, 8, 8]]
     assert all(f["guessed_dims"] == [] for f in report.parity.inputs)
-    # the older keyword, for a one-input model
-    _, report = fold_onnx(conv_bn_model(), input_shape=(1, 4, 5, 6))
+    # a bare shape, for a one-input model
+    _, report = fold_onnx(conv_bn_model(), input_shapes=(1, 4, 5, 6))
     assert report.parity.inputs[0]["shape"] == [1, 4, 5, 6] and report.parity.input_shape == [1, 4, 5, 6]
 
 
