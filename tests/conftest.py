@@ -1,11 +1,15 @@
-"""Shared fixtures: the real command in a subprocess, and one tiny end-to-end run per session."""
+"""Shared fixtures: the command in this process or in a fresh one, and one tiny end-to-end run per session."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import re
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +17,13 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+
+# The tests' models are tiny: a second intra-op thread buys them nothing, and where cores are shared
+# (CI runners, other work on the machine) its spin-waiting makes each step many times slower. So one
+# thread, in this process and in the commands it starts, unless OMP_NUM_THREADS is set already.
+THREADS_ENV = {"OMP_NUM_THREADS": "1"}
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
 
 
 @dataclass
@@ -24,12 +35,42 @@ class CommandResult:
 
 def run_bnexport(*args: str | os.PathLike, cwd: Path | None = None, timeout: float = 300) -> CommandResult:
     """Run ``python -m bnexport ARGS`` as a user would, in a fresh process."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
+    env = {**THREADS_ENV, **os.environ, "PYTHONPATH": str(REPO), "PYTHONUNBUFFERED": "1"}
     completed = subprocess.run(
         [sys.executable, "-m", "bnexport", *map(str, args)],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
     )
     return CommandResult(completed.returncode, completed.stdout, completed.stderr)
+
+
+def run_cli(*args: str | os.PathLike) -> CommandResult:
+    """``bnexport ARGS`` through ``bnexport.cli.main`` in this process: the same parser and handlers
+    as the real command, without the two seconds a fresh interpreter spends importing torch.
+
+    Warnings go to stderr as Python's default filters would show them to a user, so that
+    ``assert_one_line_error`` sees them. What only a fresh process shows (the interpreter's exit
+    status, native libraries writing to file descriptor 2, what gets imported) is left to the
+    tests that use ``run_bnexport``.
+    """
+    from bnexport.cli import main
+
+    threads = torch.get_num_threads()  # `bench --threads` sets it for the whole process
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with warnings.catch_warnings(record=True) as caught, contextlib.redirect_stdout(stdout), \
+            contextlib.redirect_stderr(stderr):
+        warnings.resetwarnings()
+        warnings.simplefilter("default")
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+            warnings.filterwarnings("ignore", category=category)
+        try:
+            code = main([str(arg) for arg in args])
+        except SystemExit as exit_:  # argparse: --help, --version and bad flags
+            code = 0 if exit_.code is None else exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            torch.set_num_threads(threads)
+    for warning in caught:
+        stderr.write(warnings.formatwarning(warning.message, warning.category, warning.filename, warning.lineno))
+    return CommandResult(code, stdout.getvalue(), stderr.getvalue())
 
 
 def assert_one_line_error(result: CommandResult, *fragments: str) -> None:
@@ -50,6 +91,22 @@ def tiny_run(tmp_path_factory) -> Path:
     assert result.returncode == 0, result.stderr
     (out / "stdout.txt").write_text(result.stdout)
     return out
+
+
+def listed_subcommands(help_text: str) -> list[str]:
+    """The names under argparse's COMMAND heading: the lines indented by exactly four spaces."""
+    section = help_text.split("positional arguments:", 1)[1].split("options:", 1)[0]
+    return [line.split()[0] for line in section.splitlines() if re.match(r" {4}\S", line)]
+
+
+def listed_options(help_text: str) -> set[str]:
+    """Every option string in the options column of a --help page, e.g. {"-o", "--output", "--json"}."""
+    options = set()
+    for line in help_text.splitlines():
+        match = re.match(r" {2}(-.*?)(?: {2,}|$)", line)
+        if match:
+            options |= {part.split()[0] for part in match.group(1).split(", ")}
+    return options
 
 
 def read_json(path: Path) -> dict:

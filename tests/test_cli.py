@@ -1,4 +1,4 @@
-"""The real command, end to end, and its answers to bad input."""
+"""The command end to end (one real run per session), its --help, and its answers to bad input."""
 
 import os
 import stat
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from bnexport.artifacts import sha256_file
-from conftest import assert_one_line_error, read_json, run_bnexport
+from conftest import assert_one_line_error, listed_options, listed_subcommands, read_json, run_bnexport, run_cli
 
 EXPORTS = ["model.ts", "model.folded.ts", "model.pt2", "model.onnx", "model.folded.onnx"]
 
@@ -63,23 +63,42 @@ def test_terminal_ends_with_a_summary_table(tiny_run):
 
 def test_train_only_and_resume(tmp_path):
     args = ["--dataset", "synthetic", "--synthetic-shape", "1,10,10", "--quiet", "--max-steps", "3", "--out", tmp_path]
-    first = run_bnexport("train", "--epochs", "1", *args)
+    first = run_cli("train", "--epochs", "1", *args)
     assert first.returncode == 0, first.stderr
     assert {p.name for p in tmp_path.iterdir()} == {"checkpoint.pt", "history.json", "summary.json", "manifest.json"}
-    resumed = run_bnexport("train", "--epochs", "2", "--resume", tmp_path / "checkpoint.pt", *args)
+    resumed = run_cli("train", "--epochs", "2", "--resume", tmp_path / "checkpoint.pt", *args)
     assert resumed.returncode == 0, resumed.stderr
     assert read_json(tmp_path / "history.json")["epoch_end_step"] == [3, 6]
 
 
+# what the README documents; a command added or dropped must show up here
+SUBCOMMANDS = ["train", "train-and-export", "fold", "inspect", "parity", "bench", "visualize", "view", "recalibrate"]
+
+
 def test_help_lists_the_subcommands():
-    result = run_bnexport("--help")
-    assert result.returncode == 0
-    assert "train-and-export" in result.stdout and "train" in result.stdout
-    assert "visualize" in result.stdout and "view" in result.stdout
-    sub = run_bnexport("train-and-export", "--help")
-    for flag in ["--dataset", "--data-root", "--download", "--epochs", "--batch-size", "--lr", "--seed", "--out",
-                 "--resume", "--atol", "--rtol", "--no-bn", "--skip-no-bn"]:
-        assert flag in sub.stdout
+    result = run_bnexport("--help")  # the entry point itself, once, in a fresh process
+    assert result.returncode == 0 and result.stderr == ""
+    assert listed_subcommands(result.stdout) == SUBCOMMANDS
+
+
+@pytest.mark.parametrize("command", SUBCOMMANDS)
+def test_each_listed_subcommand_has_its_own_help(command):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: bnexport {command} ")
+    assert {"-h", "--help"} <= listed_options(result.stdout)
+
+
+def test_train_and_export_keeps_its_flags():
+    options = listed_options(run_cli("train-and-export", "--help").stdout)
+    assert {"--dataset", "--data-root", "--download", "--synthetic-shape", "--epochs", "--batch-size", "--lr",
+            "--schedule", "--shift", "--seed", "--no-bn", "--max-steps", "--resume", "--out", "--quiet", "--device",
+            "--sync-bn", "--recalibrate-bn", "--dist-timeout", "--atol", "--rtol", "--skip-no-bn"} <= options
+    assert "--skip-no-bn" not in listed_options(run_cli("train", "--help").stdout)  # train makes no comparison run
+
+
+def test_an_unknown_subcommand_is_one_line():
+    assert_one_line_error(run_cli("frobnicate"), "invalid choice", "frobnicate")
 
 
 @pytest.mark.parametrize("args, fragments", [
@@ -98,7 +117,7 @@ def test_bad_flags(tmp_path, args, fragments):
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
     out = tmp_path / "out"
-    result = run_bnexport("train", "--dataset", "mnist", "--data-root", tmp_path / "nothing", "--out", out)
+    result = run_cli("train", "--dataset", "mnist", "--data-root", tmp_path / "nothing", "--out", out)
     assert_one_line_error(result, "mnist", "--download")
     assert list(out.iterdir()) == []
 
@@ -108,7 +127,7 @@ def test_unwritable_out_non_root(tmp_path):
     locked = tmp_path / "locked"
     locked.mkdir()
     locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
-    assert_one_line_error(run_bnexport("train", "--out", locked / "x"), "--out")
+    assert_one_line_error(run_cli("train", "--out", locked / "x"), "--out")
 
 
 def test_unwritable_out_even_for_root():
@@ -120,7 +139,7 @@ def test_unwritable_out_even_for_root():
 def test_out_that_is_a_file(tmp_path):
     target = tmp_path / "file.txt"
     target.write_text("keep me")
-    result = run_bnexport("train", "--out", target / "sub")
+    result = run_cli("train", "--out", target / "sub")
     assert_one_line_error(result, "--out", "file.txt")
     assert target.read_text() == "keep me"
 
@@ -129,7 +148,7 @@ def test_resume_from_corrupt_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 100)
     out = tmp_path / "out"
-    result = run_bnexport("train", "--resume", bad, "--out", out, "--quiet")
+    result = run_cli("train", "--resume", bad, "--out", out, "--quiet")
     assert_one_line_error(result, "bad.pt", "not a readable checkpoint")
     assert list(out.iterdir()) == []
     assert bad.read_bytes() == b"\x00" * 100
@@ -137,9 +156,9 @@ def test_resume_from_corrupt_checkpoint(tmp_path):
 
 def test_resume_from_mismatched_checkpoint(tmp_path):
     common = ["--quiet", "--max-steps", "2", "--epochs", "1"]
-    made = run_bnexport("train", "--dataset", "synthetic", "--synthetic-shape", "3,8,8", *common, "--out", tmp_path / "a")
+    made = run_cli("train", "--dataset", "synthetic", "--synthetic-shape", "3,8,8", *common, "--out", tmp_path / "a")
     assert made.returncode == 0, made.stderr
-    result = run_bnexport("train", "--dataset", "synthetic", "--synthetic-shape", "1,8,8", *common,
-                          "--resume", tmp_path / "a" / "checkpoint.pt", "--out", tmp_path / "b")
+    result = run_cli("train", "--dataset", "synthetic", "--synthetic-shape", "1,8,8", *common,
+                     "--resume", tmp_path / "a" / "checkpoint.pt", "--out", tmp_path / "b")
     assert_one_line_error(result, "--resume", "does not fit")
     assert list((tmp_path / "b").iterdir()) == []

@@ -1,8 +1,10 @@
+import re
+
 import numpy as np
 import pytest
 import torch
 
-from bnexport.data import (DATASETS, epoch_order, load_bundled, load_dataset, make_synthetic, parity_batch,
+from bnexport.data import (epoch_order, load_bundled, load_dataset, make_synthetic, parity_batch,
                            random_shift)
 from bnexport.errors import BnexportError
 
@@ -51,8 +53,30 @@ def test_missing_torchvision_dataset_says_how_to_get_it(name, tmp_path):
     assert list(tmp_path.iterdir()) == [] or all(p.is_dir() for p in tmp_path.iterdir())
 
 
-def test_datasets_list_matches_the_cli():
-    assert DATASETS == ("bundled", "mnist", "fashion-mnist", "cifar10", "synthetic")
+def cli_dataset_choices() -> list[str]:
+    """The --dataset choices as `bnexport train --help` prints them: {a,b,c}."""
+    from conftest import run_cli
+
+    help_text = run_cli("train", "--help").stdout
+    (choices,) = set(re.findall(r"--dataset \{([^}]*)\}", help_text))  # the usage line and the option's own
+    return choices.split(",")
+
+
+def test_every_dataset_the_cli_offers_loads_or_says_how_to_get_it(tmp_path):
+    choices = cli_dataset_choices()
+    assert {"bundled", "synthetic", "mnist"} <= set(choices)
+    for name in choices:
+        try:
+            data = load_dataset(name, data_root=tmp_path)  # an empty folder: torchvision sets are not there
+        except BnexportError as err:
+            assert f"--dataset {name}" in str(err) and "--download" in str(err), (name, err)
+        else:
+            assert len(data.train_images) > 0 and len(data.test_images) > 0, name
+            assert data.train_images.shape[1:] == data.image_shape, name
+    # and the error for a name the CLI does not offer lists exactly the ones it does
+    with pytest.raises(BnexportError) as caught:
+        load_dataset("svhn", data_root=tmp_path)
+    assert str(caught.value).endswith("choose one of " + ", ".join(choices))
 
 
 def test_epoch_order_depends_on_seed_and_epoch_only():

@@ -16,7 +16,7 @@ from bnexport.errors import BnexportError
 from bnexport.model import ModelSpec, build_model
 from bnexport.distributed.recalibrate import recalibrate_checkpoint
 from bnexport.train.loop import load_checkpoint, model_from_checkpoint, new_state, save_checkpoint, train
-from conftest import assert_one_line_error, run_bnexport
+from conftest import assert_one_line_error, run_bnexport, run_cli
 
 SHAPE = (1, 10, 10)
 TINY = ["--dataset", "synthetic", "--synthetic-shape", "1,10,10", "--batch-size", "32", "--quiet", "--device", "cpu"]
@@ -61,14 +61,14 @@ def test_swa_update_bn_is_what_the_cumulative_average_gives():
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("recalibrate")
-    result = run_bnexport("train", *TINY, "--epochs", "1", "--max-steps", "3", "--out", out)
+    result = run_cli("train", *TINY, "--epochs", "1", "--max-steps", "3", "--out", out)
     assert result.returncode == 0, result.stderr
     return out / "checkpoint.pt"
 
 
 def test_recalibrate_command_writes_a_new_checkpoint(trained):
     before = sha256_file(trained)
-    result = run_bnexport("recalibrate", trained)
+    result = run_cli("recalibrate", trained)
     assert result.returncode == 0, result.stderr
     output = trained.with_name("checkpoint.recalibrated.pt")
     assert sha256_file(trained) == before  # the input is never touched
@@ -104,7 +104,7 @@ def test_recalibrate_refuses_to_overwrite_its_input_unless_asked(trained, tmp_pa
     copy = tmp_path / "c.pt"
     copy.write_bytes(trained.read_bytes())
     before = sha256_file(copy)
-    assert_one_line_error(run_bnexport("recalibrate", copy, "-o", copy), "--in-place")
+    assert_one_line_error(run_cli("recalibrate", copy, "-o", copy), "--in-place")
     assert sha256_file(copy) == before
     recalibrate_checkpoint(copy, batches=1, in_place=True)
     assert sha256_file(copy) != before and load_checkpoint(copy)["bn_recalibration"]["batches"] == 1
@@ -114,7 +114,7 @@ def test_recalibrate_refuses_to_overwrite_its_input_unless_asked(trained, tmp_pa
 def test_recalibrate_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"junk")
-    assert_one_line_error(run_bnexport("recalibrate", bad), "not a readable checkpoint")
+    assert_one_line_error(run_bnexport("recalibrate", bad), "not a readable checkpoint")  # a fresh process, once
     with pytest.raises(BnexportError, match="not found"):
         recalibrate_checkpoint(tmp_path / "missing.pt")
     with pytest.raises(BnexportError, match="does not exist"):

@@ -1,14 +1,13 @@
 """report.html and the visualize command, through the real command; the report in a real browser."""
 
 import shutil
-import time
 from html.parser import HTMLParser
 
 import pytest
 
 from bnexport.config import ARTIFACTS
 from browser import chromium_page
-from conftest import assert_one_line_error, read_json, run_bnexport
+from conftest import assert_one_line_error, read_json, run_cli
 
 FIGURES = ["bn_layer_histograms", "bn_layer_channels", "bn_parameters", "bn_running_stats", "activations",
            "training_curves", "graph_folding", "parity"]
@@ -95,11 +94,8 @@ def test_visualize_command_svg(tiny_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)
     shutil.rmtree(out / "figures")
-    started = time.perf_counter()
-    result = run_bnexport("visualize", "--out", out, "--format", "svg")
-    seconds = time.perf_counter() - started
+    result = run_cli("visualize", "--out", out, "--format", "svg")
     assert result.returncode == 0, result.stderr
-    print(f"visualize (svg, process start included): {seconds:.1f} s")
     assert sorted(p.stem for p in (out / "figures").iterdir()) == sorted(FIGURES)
     assert all(p.suffix == ".svg" for p in (out / "figures").iterdir())
     assert parse(out / ARTIFACTS.report).images == [f"figures/{stem}.svg" for stem in FIGURES]
@@ -113,16 +109,16 @@ def test_visualize_names_the_missing_file(tiny_run, tmp_path, missing):
     out = tmp_path / "run"
     shutil.copytree(tiny_run, out)
     (out / missing).unlink()
-    assert_one_line_error(run_bnexport("visualize", "--out", out), missing, "not found", "train-and-export")
+    assert_one_line_error(run_cli("visualize", "--out", out), missing, "not found", "train-and-export")
 
 
 def test_visualize_missing_checkpoint_flag(tmp_path):
-    assert_one_line_error(run_bnexport("visualize", "--out", tmp_path, "--checkpoint", tmp_path / "nope.pt"), "nope.pt")
+    assert_one_line_error(run_cli("visualize", "--out", tmp_path, "--checkpoint", tmp_path / "nope.pt"), "nope.pt")
 
 
 def test_model_without_batchnorm(tmp_path):
-    result = run_bnexport("train-and-export", "--no-bn", "--skip-no-bn", "--epochs", "1", "--max-steps", "4",
-                          "--quiet", "--out", tmp_path)
+    result = run_cli("train-and-export", "--no-bn", "--skip-no-bn", "--epochs", "1", "--max-steps", "4",
+                     "--quiet", "--out", tmp_path)
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / ARTIFACTS.bn_stats).exists()
     for stem in ("bn_layer_histograms", "bn_parameters", "bn_running_stats", "activations"):
@@ -132,7 +128,7 @@ def test_model_without_batchnorm(tmp_path):
     text = (tmp_path / ARTIFACTS.report).read_text()
     assert "This model has no BatchNorm layers" in text and "nothing to fold" in text
     assert [row[0] for row in report.tables["effect"][1:]] == ["without BatchNorm"]
-    svg = run_bnexport("visualize", "--out", tmp_path, "--format", "svg")
+    svg = run_cli("visualize", "--out", tmp_path, "--format", "svg")
     assert svg.returncode == 0, svg.stderr
     assert "no BatchNorm layers" in (tmp_path / "figures" / "bn_layer_histograms.svg").read_text()
 

@@ -12,7 +12,7 @@ import pytest
 from bnexport.viz import netron as view
 from bnexport.errors import BnexportError
 from browser import chromium_page
-from conftest import REPO, assert_one_line_error, run_bnexport
+from conftest import REPO, assert_one_line_error, run_bnexport, run_cli
 
 
 def fetch(url: str) -> bytes:
@@ -78,11 +78,11 @@ def test_files_netron_cannot_open(tmp_path, content, suffix, fragment):
     bad.write_bytes(content)
     with pytest.raises(BnexportError, match=fragment):
         view.check_model(bad)
-    assert_one_line_error(run_bnexport("view", bad, "--no-browser"), f"bad{suffix}", fragment)
+    assert_one_line_error(run_cli("view", bad, "--no-browser"), f"bad{suffix}", fragment)
 
 
 def test_missing_file(tmp_path):
-    assert_one_line_error(run_bnexport("view", tmp_path / "gone.onnx", "--no-browser"), "gone.onnx", "not found")
+    assert_one_line_error(run_cli("view", tmp_path / "gone.onnx", "--no-browser"), "gone.onnx", "not found")
 
 
 def test_port_in_use_is_one_line(tiny_run):

@@ -1,18 +1,23 @@
-"""fold, inspect, parity and bench through the real command, and their answers to bad input."""
+"""fold, inspect, parity and bench through the command line, and their answers to bad input (in this process;
+the few that need a fresh one, for the exit status or what native code writes to stderr, use run_bnexport)."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import onnx
 import pytest
+import torch
 from onnx import helper, numpy_helper
 
 from bnexport.artifacts import sha256_file
 from bnexport.cli import main
 from bnexport.export.writers import op_counts, save_onnx
-from conftest import assert_one_line_error, run_bnexport
+from bnexport.train.loop import load_checkpoint, model_from_checkpoint
+from conftest import assert_one_line_error, listed_options, listed_subcommands, run_bnexport, run_cli
+from exported import load_export, max_error_in_scale, uniform_batch
 from fold.models import bn_initializers, bn_node, onnx_model
 
 
@@ -35,11 +40,20 @@ def test_fold_onnx_writes_model_and_report(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("suffix", [".onnx", ".ts", ".pt2"])
 def test_fold_checkpoint_to_each_format(tiny_run, tmp_path, suffix):
+    """Loaded back by its own runtime: no BN left where the run's own export of that format has one,
+    and the logits of the checkpoint's eager model."""
     out = tmp_path / f"folded{suffix}"
-    assert main(["fold", str(tiny_run / "checkpoint.pt"), "-o", str(out)]) == 0
-    assert out.stat().st_size > 1000
-    if suffix == ".onnx":
-        assert "BatchNormalization" not in op_counts(onnx.load(str(out)))
+    result = run_cli("fold", tiny_run / "checkpoint.pt", "-o", out)
+    assert result.returncode == 0, result.stderr
+    folded_count, run = load_export(out)
+    unfolded_count, _ = load_export(tiny_run / f"model{suffix}")
+    assert (unfolded_count, folded_count) == (1, 0)
+    model, _ = model_from_checkpoint(load_checkpoint(tiny_run / "checkpoint.pt"))
+    x = uniform_batch((3, 1, 28, 28), seed=11)
+    with torch.no_grad():
+        expected = model.eval()(torch.from_numpy(x)).numpy()
+    got = run(x)
+    assert got.shape == (3, 10) and max_error_in_scale(expected, got) <= 1e-5
 
 
 def test_fold_in_place_and_no_check(tiny_run, tmp_path, capsys):
@@ -119,10 +133,10 @@ def test_fold_refuses_to_overwrite_its_input(tiny_run, tmp_path):
     target = tmp_path / "model.onnx"
     target.write_bytes((tiny_run / "model.onnx").read_bytes())
     digest = sha256_file(target)
-    result = run_bnexport("fold", target, "-o", tmp_path / "." / "model.onnx")
+    result = run_cli("fold", target, "-o", tmp_path / "." / "model.onnx")
     assert_one_line_error(result, "model.onnx", "--in-place")
     assert sha256_file(target) == digest
-    assert_one_line_error(run_bnexport("fold", tiny_run / "checkpoint.pt", "-o", tmp_path / "x.txt"), "checkpoint", ".onnx")
+    assert_one_line_error(run_cli("fold", tiny_run / "checkpoint.pt", "-o", tmp_path / "x.txt"), "checkpoint", ".onnx")
 
 
 @pytest.mark.parametrize("where", ["report-is-a-folder", "report-folder-missing", "report-is-the-model", "output-is-a-folder"])
@@ -164,7 +178,7 @@ def test_inspect_table_and_json(tiny_run, capsys):
 
 def test_parity_exit_codes(tiny_run, tmp_path):
     reference = tiny_run / "model.onnx"
-    agree = run_bnexport("parity", reference, tiny_run / "model.folded.onnx", "--json")
+    agree = run_cli("parity", reference, tiny_run / "model.folded.onnx", "--json")
     assert agree.returncode == 0, agree.stderr
     result = json.loads(agree.stdout)
     assert result["passed"] and result["results"][0]["max_rel"] < 1e-5 and result["input_shape"] == [1, 1, 28, 28]
@@ -180,26 +194,45 @@ def test_parity_exit_codes(tiny_run, tmp_path):
     assert main(["parity", str(reference), str(tmp_path / "missing.onnx")]) == 2
 
 
-def test_bench_json(tiny_run, capsys):
-    code = main(["bench", str(tiny_run / "model.onnx"), "--batch", "1", "4", "--min-seconds", "0.02", "--json"])
-    assert code == 0
-    report = json.loads(capsys.readouterr().out)
-    names = {t["name"] for t in report["timings"]}
-    assert names == {"ORT unfolded (no graph opt)", "ORT unfolded (default opt)", "ORT folded (no graph opt)", "ORT folded (default opt)"}
-    assert sorted({t["batch"] for t in report["timings"]}) == [1, 4]
-    for timing in report["timings"]:
-        assert timing["median_ms"] > 0 and timing["runs"] >= 10
-        if timing["name"] == report["baseline"]:
-            assert timing["ratio"] == 1.0
+BENCH_ONNX_RUNTIMES = ["ORT unfolded (no graph opt)", "ORT unfolded (default opt)", "ORT folded (no graph opt)",
+                       "ORT folded (default opt)"]
 
 
-def test_help_lists_the_new_commands():
-    result = run_bnexport("--help")
-    for command in ("fold", "inspect", "parity", "bench"):
-        assert command in result.stdout
+def test_bench_json(tiny_run):
+    model = tiny_run / "model.onnx"
+    min_seconds = 0.02
+    threads = torch.get_num_threads() + 1  # not what the process has already
+    result = run_cli("bench", model, "--batch", "3", "5", "--min-seconds", min_seconds, "--threads", threads, "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"] == str(model) and report["baseline"] == BENCH_ONNX_RUNTIMES[0]
+    assert report["threads"] == threads
+    timings = report["timings"]
+    # every runtime at every batch asked for (not the default 1 and 64), batch by batch
+    assert [(t["name"], t["batch"]) for t in timings] == [(name, b) for b in (3, 5) for name in BENCH_ONNX_RUNTIMES]
+    baseline = {t["batch"]: t["median_ms"] for t in timings if t["name"] == report["baseline"]}
+    for t in timings:
+        assert math.isfinite(t["median_ms"]) and 0 < t["min_ms"] <= t["median_ms"], t
+        # timing stops once 10 runs and --min-seconds are both reached: had more than 10 runs been
+        # made, the first runs-1 took less than --min-seconds (the 0.5 s default would give thousands)
+        assert t["runs"] >= 10 and (t["runs"] == 10 or (t["runs"] - 1) * t["min_ms"] < min_seconds * 1e3), t
+        assert t["ratio"] == pytest.approx(t["median_ms"] / baseline[t["batch"]], rel=1e-9), t
 
 
-# Any input signature, through the real command ------------------------------------------
+@pytest.mark.parametrize("command, options", [
+    ("fold", {"-o", "--output", "--report", "--in-place", "--no-check", "--fold-overridable", "--input-shape", "--seed",
+              "--atol", "--rtol"}),
+    ("inspect", {"--json"}),
+    ("parity", {"--input-shape", "--seed", "--atol", "--rtol", "--json"}),
+    ("bench", {"--batch", "--min-seconds", "--threads", "--input-shape", "--seed", "--json"}),
+])
+def test_help_of_the_model_commands(command, options):
+    result = run_cli(command, "--help")
+    assert result.returncode == 0 and command in listed_subcommands(run_cli("--help").stdout)
+    assert options <= listed_options(result.stdout)
+
+
+# Any input signature, through the command line ------------------------------------------
 
 def _save(model, path):
     save_onnx(model, path)
@@ -211,8 +244,8 @@ def test_fold_multi_input_model_with_named_shapes(tmp_path):
 
     source = _save(multi_input_model(), tmp_path / "multi.onnx")
     out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
-    result = run_bnexport("fold", source, "-o", out, "--report", report_path,
-                          "--input-shape", "a=2,3,16,12", "--input-shape", "idx=5")
+    result = run_cli("fold", source, "-o", out, "--report", report_path,
+                     "--input-shape", "a=2,3,16,12", "--input-shape", "idx=5")
     assert result.returncode == 0, result.stderr
     assert "2 of 2 BatchNorm folded" in result.stdout
     assert "input a: 2×3×16×12 float32" in result.stdout and "input mask: 2×1×16×12 bool" in result.stdout
@@ -243,12 +276,12 @@ def test_fold_float16_model_passes_by_default(tmp_path):
 
     source = _save(conv_bn_model(np.float16, depth=3), tmp_path / "half.onnx")
     out, report_path = tmp_path / "out.onnx", tmp_path / "r.json"
-    result = run_bnexport("fold", source, "-o", out, "--report", report_path)
+    result = run_cli("fold", source, "-o", out, "--report", report_path)
     assert result.returncode == 0, result.stderr
     parity = json.loads(report_path.read_text())["parity"]
     assert parity["inputs"][0]["dtype"] == "float16" and parity["passed"]
     # parity feeds the float16 model float16, and agrees at the float16 tolerance
-    agree = run_bnexport("parity", source, out, "--json")
+    agree = run_cli("parity", source, out, "--json")
     assert agree.returncode == 0, agree.stderr
     data = json.loads(agree.stdout)
     assert data["inputs"][0]["dtype"] == "float16" and data["results"][0]["rtol"] == 2**-10 * 10
@@ -268,7 +301,7 @@ def test_fold_bad_input_shapes(flags, fragments, tmp_path):
     from fold.signatures import multi_input_model
 
     source = _save(multi_input_model(), tmp_path / "multi.onnx")
-    result = run_bnexport("fold", source, "-o", tmp_path / "out.onnx", *flags)
+    result = run_cli("fold", source, "-o", tmp_path / "out.onnx", *flags)
     assert_one_line_error(result, *fragments)
     assert not (tmp_path / "out.onnx").exists()
 
@@ -281,7 +314,7 @@ def test_no_kernel_is_one_line_with_a_way_out(tmp_path):
     assert_one_line_error(result, "double.onnx", "no kernel for Conv", "float32", "--no-check")
     assert not (tmp_path / "out.onnx").exists()
     assert main(["fold", str(source), "-o", str(tmp_path / "out.onnx"), "--no-check"]) == 0
-    parity = run_bnexport("parity", source, tmp_path / "out.onnx")
+    parity = run_cli("parity", source, tmp_path / "out.onnx")
     assert_one_line_error(parity, "double.onnx", "no kernel for Conv", "float32")
     assert "--no-check" not in parity.stderr  # parity has no such flag
 
@@ -291,7 +324,7 @@ def test_parity_compares_every_output_of_a_multi_input_model(tmp_path):
 
     source = _save(multi_input_model(), tmp_path / "multi.onnx")
     assert main(["fold", str(source), "-o", str(tmp_path / "folded.onnx"), "--no-check"]) == 0
-    result = run_bnexport("parity", source, tmp_path / "folded.onnx", "--json")
+    result = run_cli("parity", source, tmp_path / "folded.onnx", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     assert [r["name"] for r in data["results"]] == [f"{tmp_path / 'folded.onnx'} [y]", f"{tmp_path / 'folded.onnx'} [r]"]
@@ -302,7 +335,7 @@ def test_parity_compares_every_output_of_a_multi_input_model(tmp_path):
     nudged.graph.initializer.append(numpy_helper.from_array(np.array(1.01, np.float32), "two"))
     nudged.graph.output[1].name = "r2"  # the same output, 1 % larger
     save_onnx(nudged, tmp_path / "nudged.onnx")
-    table = run_bnexport("parity", source, tmp_path / "nudged.onnx", "--input-shape", "a=1,3,8,8", "--input-shape", "idx=2")
+    table = run_cli("parity", source, tmp_path / "nudged.onnx", "--input-shape", "a=1,3,8,8", "--input-shape", "idx=2")
     assert table.returncode == 1, table.stderr
     assert "[r]" in table.stdout and "FAIL" in table.stdout and "input idx: 2 int64" in table.stdout
 
@@ -341,14 +374,14 @@ def test_parity_of_a_model_and_its_float16_copy(tmp_path):
 
     single = _save(conv_bn_model(np.float32), tmp_path / "single.onnx")
     half = _save(conv_bn_model(np.float16), tmp_path / "half.onnx")  # the same weights, rounded
-    result = run_bnexport("parity", single, half, "--input-shape", "1,4,32,32", "--json")
+    result = run_cli("parity", single, half, "--input-shape", "1,4,32,32", "--json")
     assert result.returncode == 0, result.stderr
     data = json.loads(result.stdout)
     (comparison,) = data["results"]
     assert comparison["rtol"] == 2**-10 * 10 and 0 < comparison["max_rel"] < 2**-10 * 10
     assert data["inputs"][0] == {"name": "x", "dtype": "float32", "shape": [1, 4, 32, 32], "guessed_dims": []}
     # at float32's tolerance the same pair is told apart
-    assert run_bnexport("parity", single, half, "--input-shape", "1,4,32,32", "--rtol", "1e-5", "--atol", "0").returncode == 1
+    assert run_cli("parity", single, half, "--input-shape", "1,4,32,32", "--rtol", "1e-5", "--atol", "0").returncode == 1
 
 
 def test_fold_overridable_flag_folds_bn_parameters_given_as_graph_inputs(tmp_path):
@@ -356,9 +389,9 @@ def test_fold_overridable_flag_folds_bn_parameters_given_as_graph_inputs(tmp_pat
 
     source, kept, folded = tmp_path / "in.onnx", tmp_path / "kept.onnx", tmp_path / "folded.onnx"
     _save(conv_bn_model(bn_inputs_as_graph_inputs=True), source)
-    assert run_bnexport("fold", source, "-o", kept).returncode == 0
+    assert run_cli("fold", source, "-o", kept).returncode == 0
     assert op_counts(onnx.load(str(kept))).get("BatchNormalization") == 1
-    result = run_bnexport("fold", source, "-o", folded, "--fold-overridable")
+    result = run_cli("fold", source, "-o", folded, "--fold-overridable")
     assert result.returncode == 0, result.stderr
     assert op_counts(onnx.load(str(folded))).get("BatchNormalization", 0) == 0
     assert [i.name for i in onnx.load(str(folded)).graph.input] == [i.name for i in onnx.load(str(source)).graph.input]

@@ -121,8 +121,11 @@ def test_linear_needs_shapes_to_fold():
     # BatchNorm1d on 3-D input normalises axis 1, the Linear's features are the last axis: never folded
     model = randomize_bn(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(3)))
     folded, report = fold_module(model, example_input=torch.zeros(2, 3, 4))
-    assert report.records[0].status == "kept"
-    assert "3-D" in report.records[0].reason or "output channels" in report.records[0].reason
+    assert (report.records[0].status, report.records[0].reason_code) == ("kept", "shape_mismatch")
+    assert "the Linear has 4 output channels, the BN 3" in report.records[0].reason
+    x = torch.randn(2, 3, 4)
+    with torch.no_grad():
+        assert torch.equal(folded(x), model(x))
 
 
 class SharedConv(nn.Module):
