@@ -32,7 +32,7 @@ def main(out: Path) -> None:
             activations = model.conv1(images)
             model.bn1.running_mean.copy_(activations.mean((0, 2, 3)))
             model.bn1.running_var.copy_(activations.var((0, 2, 3), unbiased=True))
-        spread = replicas.merge_running_stats(model, batch_size=BATCH, input_shape=SPEC.input_shape)
+        spread = replicas.merge_over_ranks(model, batch_size=BATCH, input_shape=SPEC.input_shape)
         merged = {k: v.clone() for k, v in model.bn1.state_dict().items()}
 
         dataset = torch.randn((23, *SPEC.input_shape), generator=torch.Generator().manual_seed(7)) * 2 + 1

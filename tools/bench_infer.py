@@ -8,7 +8,7 @@ optimisations disabled and at their default. BN statistics are randomized, weigh
 random (resnet18 with weights=None, on 3×64×64 input to keep the run short on a CPU).
 Each figure is the median of repeated calls, on one thread by default for both torch and
 ONNX Runtime; ``python -m bnexport bench`` runs the same measurement on a user's own
-checkpoint or ONNX file.
+checkpoint (all rows) or ONNX file (the ONNX Runtime rows only).
 """
 
 from __future__ import annotations

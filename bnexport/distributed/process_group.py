@@ -269,7 +269,7 @@ class Replicas:
         recompute them exactly; returns the losses to record."""
         losses = self.mean_losses(losses)
         if batchnorm_layers(model) and self.distributed:
-            spread = self.merge_running_stats(model, batch_size=batch_size, input_shape=tuple(train_images.shape[1:]))
+            spread = self.merge_over_ranks(model, batch_size=batch_size, input_shape=tuple(train_images.shape[1:]))
             self.epochs.append({"epoch": epoch + 1, "spread_before_merge": spread})
         if final and self.recalibrate_bn and batchnorm_layers(model):
             self.recalibration = self.recompute_over_ranks(model, train_images, batch_size=batch_size).to_json()
@@ -277,7 +277,7 @@ class Replicas:
             self.fingerprints = self.check_identical(model)
         return losses
 
-    def merge_running_stats(self, model: nn.Module, *, batch_size: int, input_shape: tuple[int, ...]) -> dict[str, dict]:
+    def merge_over_ranks(self, model: nn.Module, *, batch_size: int, input_shape: tuple[int, ...]) -> dict[str, dict]:
         """Pool every BN layer's running statistics over the ranks; returns the spread before.
 
         Each rank's (running_mean, running_var) is read as the mean and unbiased variance of

@@ -63,7 +63,7 @@ class FoldContext:
         self.opset = opset_version(model)
         self.fold_overridable = fold_overridable
         self.taken = all_names(model)  # new names must shadow nothing, in any graph
-        self.root: Folder | None = None
+        self.root: GraphFolder | None = None
 
     def fresh_name(self, base: str) -> str:
         name, counter = base, 0
@@ -137,10 +137,10 @@ def _combine(after: Kept, before: Kept) -> Kept:
     return Kept(code, f"{after.reason}; {before.reason}")
 
 
-class Folder:
+class GraphFolder:
     """The rewrite of one graph (the main graph or a subgraph): its index and the nodes removed so far."""
 
-    def __init__(self, model: onnx.ModelProto, *, graph: onnx.GraphProto | None = None, parent: "Folder | None" = None,
+    def __init__(self, model: onnx.ModelProto, *, graph: onnx.GraphProto | None = None, parent: "GraphFolder | None" = None,
                  context: FoldContext | None = None, initializers: dict[str, onnx.TensorProto] | None = None,
                  fold_overridable: bool = False):
         self.model = model
@@ -185,7 +185,7 @@ class Folder:
         index.replace_input(node, position, new_name)
 
     @staticmethod
-    def _write(holder: "Folder", name: str, array: np.ndarray) -> None:
+    def _write(holder: "GraphFolder", name: str, array: np.ndarray) -> None:
         """Write ``array`` as initializer ``name`` of ``holder``'s graph, now: its bytes are copied once, into the result."""
         tensor = holder.index.written.get(name)
         if tensor is None:
@@ -576,18 +576,18 @@ def fold_graph(model: onnx.ModelProto, *, fold_overridable: bool = False) -> tup
     if not _has_batchnorm(model.graph):
         report.records = in_functions
         return _untouched_copy(model), report
-    # the copy's initializers are written by the fold (folded values) and by Folder.finish (the rest, once each):
+    # the copy's initializers are written by the fold (folded values) and by GraphFolder.finish (the rest, once each):
     # copying them all first would hold the replaced bytes of every folded weight until the model is freed
     folded = copy_without_initializers(model)
-    root = Folder(folded, initializers={t.name: t for t in model.graph.initializer}, fold_overridable=fold_overridable)
+    root = GraphFolder(folded, initializers={t.name: t for t in model.graph.initializer}, fold_overridable=fold_overridable)
     folders = [root]
 
-    def visit(folder: Folder) -> None:
+    def visit(folder: GraphFolder) -> None:
         for node in list(folder.graph.node):
             if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
                 report.records.append(folder.fold_one(node))
             for sub in subgraphs(node):
-                child = Folder(folded, graph=sub, parent=folder, context=folder.context)
+                child = GraphFolder(folded, graph=sub, parent=folder, context=folder.context)
                 folders.append(child)
                 visit(child)
 

@@ -44,7 +44,7 @@ def fold_module(
     if check and report.folded:
         if example is None:
             raise BnexportError("fold_module(check=True) needs example_inputs, example_input or input_shape, or check=False")
-        tolerance = tolerance or tolerance_for(dtype_name(module, example))
+        tolerance = tolerance or tolerance_for(module_dtype_name(module, example))
         _check_module(module, folded, report, example, equivalent, seed=seed, tolerance=tolerance)
     return folded, report
 
@@ -70,7 +70,7 @@ def _example(module, example_inputs, example_input, input_shape) -> Example | No
     raise BnexportError(f"fold_module: example_inputs must be a tensor, a tuple or a dict, not {type(example_inputs).__name__}")
 
 
-def dtype_name(module: torch.nn.Module, example: Example) -> str:
+def module_dtype_name(module: torch.nn.Module, example: Example) -> str:
     """The floating dtype the module computes in: its first floating parameter's, else its first float input's."""
     for tensor in (*module.parameters(), *module.buffers(), *input_tensors(example)):
         if tensor.is_floating_point():
@@ -174,7 +174,7 @@ def _within_own_rounding(module, report: FoldReport, example: Example, inputs: E
     """
     from ..parity.compare import compare
 
-    if dtype_name(module, example) == "float64":
+    if module_dtype_name(module, example) == "float64":
         return False
     try:
         model64 = copy.deepcopy(module).double()
@@ -192,7 +192,7 @@ def _within_own_rounding(module, report: FoldReport, example: Example, inputs: E
         fold_error = compare("float64 fold", ref, _numpy(candidate64)).max_rel
         own_error = compare("unfolded", ref, _numpy(unfolded)).max_rel
         folded_error = compare("folded", ref, _numpy(candidate)).max_rel
-        amplification = own_error / MACHINE_EPSILON.get(dtype_name(module, example), MACHINE_EPSILON["float32"])
+        amplification = own_error / MACHINE_EPSILON.get(module_dtype_name(module, example), MACHINE_EPSILON["float32"])
         allowed = min(FLOAT64_FOLD_RTOL_MAX, max(FLOAT64_FOLD_RTOL, 100 * amplification * MACHINE_EPSILON["float64"]))
         if not fold_error <= allowed or not folded_error <= 2 * own_error:
             return False

@@ -179,7 +179,7 @@ def pads_zeros(conv: nn.Module) -> bool:
     return pads_same_dynamically(conv) or (conv.padding_mode == "zeros" and any(conv._reversed_padding_repeated_twice))
 
 
-class Folder:
+class ModuleFolder:
     """Decides every site of an analysed module, in graph order, and builds the ``Plan``."""
 
     def __init__(self, analysis: Analysis, example: tuple[tuple, dict] | None):

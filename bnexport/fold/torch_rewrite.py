@@ -23,7 +23,7 @@ from torch import fx, nn
 from ..errors import BnexportError
 from .fold_report import KEPT, FoldRecord, FoldReport
 from .torch_graph import analyse, is_batchnorm, module_label
-from .torch_patterns import Folder, Plan
+from .torch_patterns import ModuleFolder, Plan
 
 __all__ = ["rewrite_module"]
 
@@ -42,7 +42,7 @@ def rewrite_module(module: nn.Module, *, example: tuple[tuple, dict] | None = No
     if training:
         raise BnexportError(f"the module is in training mode (BatchNorm '{training[0]}'); call .eval() before folding BatchNorm")
     analysis = analyse(module)
-    folder = Folder(analysis, example)
+    folder = ModuleFolder(analysis, example)
     report = FoldReport(source="torch")
     seen: set[int] = set()
     for part in analysis.parts:

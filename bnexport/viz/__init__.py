@@ -7,7 +7,6 @@ common        what every figure shares
 
 Figures, one module per family, each a pure function from data to a figure file:
 
-
 bn_layer      one BN layer's channels before and after (histograms, and one sample's maps)
 bn_params     per-channel parameters and the BN health checks (dead, float16 range)
 running_stats running statistics against batch statistics during training

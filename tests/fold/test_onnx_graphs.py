@@ -437,13 +437,13 @@ def test_conv_without_an_ort_kernel_is_checked_by_the_checker_and_noted(dtype):
 # never a broken model --------------------------------------------------------------------------
 
 def test_a_rewrite_that_would_break_the_model_is_refused(monkeypatch):
-    real_finish = onnx_patterns.Folder.finish
+    real_finish = onnx_patterns.GraphFolder.finish
 
     def broken_finish(self, source_initializers=()):
         real_finish(self, source_initializers)
         del self.graph.initializer[:]  # a fold that loses its weights
 
-    monkeypatch.setattr(onnx_patterns.Folder, "finish", broken_finish)
+    monkeypatch.setattr(onnx_patterns.GraphFolder, "finish", broken_finish)
     with pytest.raises(BnexportError, match="the folded model would be invalid") as caught:
         fold_onnx(conv_bn_model(), check=False)
     assert "\n" not in str(caught.value)
