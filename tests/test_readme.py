@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ def test_python_api_examples_run(tiny_run, tmp_path, monkeypatch):
     (tmp_path / "artifacts").symlink_to(tiny_run)
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}
-    for example in examples:
+    for example in (e for e in examples if not e.startswith("# test_")):
         exec(compile(example, str(README), "exec"), namespace)  # noqa: S102 - our own README
 
     # the files the examples wrote are what they say: BatchNorm gone, same numbers as the checkpoint's model
@@ -40,3 +42,18 @@ def test_python_api_examples_run(tiny_run, tmp_path, monkeypatch):
         expected = eager(torch.from_numpy(batch)).numpy()
         got = program(torch.from_numpy(batch)).numpy()
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def ci_example() -> str:
+    examples = [e for e in api_examples() if e.startswith("# test_")]
+    assert len(examples) == 1, "the README's CI example (a block starting '# test_...py') is missing"
+    return examples[0]
+
+
+def test_ci_example_runs_verbatim_under_pytest(tmp_path):
+    example = ci_example()
+    (tmp_path / example.splitlines()[0][2:].strip()).write_text(example)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tmp_path)],
+                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    assert "2 passed" in result.stdout
