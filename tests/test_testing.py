@@ -13,6 +13,9 @@ from torch import nn
 
 from bnexport.testing import assert_parity
 
+# the TorchScript-based exporter is what this test wants: small, fast and deterministic
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
 
 def small_model() -> nn.Module:
     torch.manual_seed(0)
