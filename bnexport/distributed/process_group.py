@@ -173,17 +173,16 @@ class Replicas:
     # collectives: tensors travel through the backend's device and come back to the CPU
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
-        if not self.distributed:
-            return tensor
-        travelling = tensor.to(self.device, copy=True)
-        dist.all_reduce(travelling, op=dist.ReduceOp.SUM)
-        return travelling.cpu()
+        return self._all_reduce(tensor, dist.ReduceOp.SUM)
 
     def max(self, tensor: torch.Tensor) -> torch.Tensor:
+        return self._all_reduce(tensor, dist.ReduceOp.MAX)
+
+    def _all_reduce(self, tensor: torch.Tensor, op) -> torch.Tensor:
         if not self.distributed:
             return tensor
         travelling = tensor.to(self.device, copy=True)
-        dist.all_reduce(travelling, op=dist.ReduceOp.MAX)
+        dist.all_reduce(travelling, op=op)
         return travelling.cpu()
 
     def gather(self, value: object) -> list:
