@@ -23,12 +23,13 @@ from ..config import ARTIFACTS, DEFAULT_FIGURE_FORMAT, FIGURE_FORMATS, TrainConf
 from ..data import Dataset, parity_batch
 from ..errors import BnexportError
 from ..fold import load_onnx
-from ..train.recording import BNStats, RunCurves
-from .html_report import write_report
 from ..tables import format_table
 from ..train.loop import History, reopen_checkpoint
-from . import (bn_layer, bn_params, graph, parity_errors as parity_figures, running_stats, training,
-                  activations as activation_figures)
+from ..train.recording import BNStats, RunCurves
+from . import activations as activation_figures
+from . import bn_layer, bn_params, graph, running_stats, training
+from . import parity_errors as parity_figures
+from .html_report import write_report
 
 VIZ_BATCH_SIZE = 256  # test images pushed through the model for the activation figures: ~200k values a channel
 REQUIRED = (ARTIFACTS.onnx, ARTIFACTS.onnx_folded, ARTIFACTS.fold_report, ARTIFACTS.parity, ARTIFACTS.parity_outputs)
