@@ -144,3 +144,28 @@ def bench_file(path: str | Path, *, input_shapes=None, threads: int | None = Non
     else:
         runners = module_runners(source.module, torch.zeros((2, *shape[1:])), threads=threads)
     return bench(runners, shape, model=str(path), **timing)
+
+
+def time_kept_against_folded(runners: dict[str, tuple[Runner, Runner]], feeds, *, warmup: int = 1,
+                             min_runs: int = BENCH_MIN_RUNS, min_seconds: float = BENCH_MIN_SECONDS) -> dict:
+    """What folding buys, per runtime: median ms with BatchNorm kept and folded, on ``feeds``.
+
+    ``runners`` maps a runtime to its (kept, folded) pair; the two are timed alternately in the
+    same loop, so that a machine that slows down mid-run slows both alike.
+    """
+    result = {}
+    for name, (kept, folded) in runners.items():
+        times = {"kept": [], "folded": []}
+        for _ in range(warmup):
+            kept(feeds)
+            folded(feeds)
+        started = time.perf_counter()
+        while len(times["kept"]) < min_runs or time.perf_counter() - started < min_seconds:
+            for which, run in (("kept", kept), ("folded", folded)):
+                begin = time.perf_counter()
+                run(feeds)
+                times[which].append(time.perf_counter() - begin)
+        kept_ms, folded_ms = (statistics.median(times[k]) * 1e3 for k in ("kept", "folded"))
+        result[name] = {"kept_ms": round(kept_ms, 4), "folded_ms": round(folded_ms, 4),
+                        "speedup": round(kept_ms / folded_ms, 4), "runs": len(times["kept"])}
+    return {"threads": torch.get_num_threads(), "runtimes": result}

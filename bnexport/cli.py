@@ -244,6 +244,59 @@ def cmd_train_and_export(args: argparse.Namespace) -> int:
     return EXIT_OK if parity.passed else EXIT_CHECK_FAILED
 
 
+def add_export_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", metavar="MODEL",
+                        help="torchvision:NAME, timm:NAME, package.module:callable, path/to/file.py:callable "
+                             "(a callable that returns an nn.Module), or a bnexport checkpoint")
+    add_weights_argument(parser)
+    parser.add_argument("--input-shape", type=input_shape_arg, action="append", default=None, metavar="[NAME=]N,C,H,W",
+                        help="shape of the model's input, NAME=DIMS once per input for several (default: what a "
+                             "checkpoint or timm model says it takes); parity runs on seeded input of this shape")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="seed of the random weights (without --weights) and of every check input (default: %(default)s)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT_DIR, help="output folder (default: %(default)s)")
+    group = parser.add_argument_group("data for the report's figures (default: seeded synthetic input, and the report says so)")
+    group.add_argument("--data", default=None, metavar="DIR|FILE",
+                       help="a folder of images in class folders (ImageFolder), or an .npy/.npz file of samples")
+    group.add_argument("--dataset", choices=DATASETS, default=None, help="a dataset by name, its test split")
+    group.add_argument("--data-root", default=TrainConfig().data_root, help="folder of torchvision datasets (default: %(default)s)")
+    group.add_argument("--download", action="store_true", help="allow downloading a torchvision dataset (network access)")
+    parser.add_argument("--format", choices=FIGURE_FORMATS, default=DEFAULT_FIGURE_FORMAT,
+                        help="figure format (default: %(default)s)")
+    parser.add_argument("--no-bench", action="store_true", help="skip the quick timing of BatchNorm kept against folded")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weights", type=Path, default=None, metavar="FILE",
+                        help="a state dict, or a checkpoint holding one, for a model spec (read with weights_only=True); "
+                             "without it the model's weights are random, from --seed")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export any model: TorchScript, torch.export and ONNX, BatchNorm kept and folded, with parity, report and figures."""
+    from .data import load_figure_data
+    from .model_spec import load_model, resolve_shapes
+    from .pipeline import export_model, fold_table
+
+    loaded = load_model(args.model, weights=args.weights, seed=args.seed)
+    shapes = resolve_shapes(loaded, given_shapes(args.input_shape))
+    figures = None
+    if args.data is not None or args.dataset is not None:
+        figures = load_figure_data(shapes, data=args.data, dataset=args.dataset, seed=args.seed,
+                                   data_root=args.data_root, download=args.download)
+    summary, parity, fold = export_model(loaded, shapes, args.out, seed=args.seed, tolerance=tolerance_from_args(args),
+                                   figure_data=figures, figure_format=args.format, bench=not args.no_bench,
+                                   progress=not args.quiet)
+    print(fold_table(fold))
+    print()
+    print(parity.table())
+    print()
+    print(summary.table())
+    print(f"artifacts in {args.out}/ (manifest.json lists them)")
+    return EXIT_OK if parity.passed else EXIT_CHECK_FAILED
+
+
 def add_recalibrate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="a bnexport checkpoint.pt")
     parser.add_argument("--batches", type=positive_int, default=None, metavar="N",
@@ -419,6 +472,7 @@ COMMANDS = {
     "train": (cmd_train, [add_training_arguments, add_distributed_arguments]),
     "train-and-export": (cmd_train_and_export, [add_training_arguments, add_distributed_arguments, add_tolerance_arguments,
                                                add_comparison_arguments]),
+    "export": (cmd_export, [add_export_arguments, add_tolerance_arguments]),
     "fold": (cmd_fold, [add_fold_arguments, add_check_arguments, add_tolerance_arguments]),
     "inspect": (cmd_inspect, [add_inspect_arguments, add_json_argument]),
     "parity": (cmd_parity, [add_parity_arguments, add_check_arguments, add_tolerance_arguments, add_json_argument]),

@@ -45,6 +45,12 @@ BENCH_WARMUP = 3
 BENCH_MIN_RUNS = 10
 BENCH_MIN_SECONDS = 0.5
 
+# `export`: the samples pushed through a user's model for the report's activation figures, and
+# the quick timing of BatchNorm kept against folded that the report's summary shows.
+FIGURE_SAMPLES = 8
+SUMMARY_BENCH_RUNS = 5
+SUMMARY_BENCH_SECONDS = 0.3
+
 # `view`: Netron's own default port, for the first model; the others take the next ones.
 NETRON_PORT = 8080
 
@@ -62,6 +68,7 @@ class ArtifactNames:
     torchscript: str = "model.ts"
     torchscript_folded: str = "model.folded.ts"
     exported_program: str = "model.pt2"
+    exported_program_folded: str = "model.folded.pt2"
     onnx: str = "model.onnx"
     onnx_folded: str = "model.folded.onnx"
     parity: str = "parity.json"
@@ -163,6 +170,7 @@ __all__ = [
     "DEFAULT_TOLERANCE",
     "DEVICES",
     "FIGURE_FORMATS",
+    "FIGURE_SAMPLES",
     "GUESSED_BATCH",
     "GUESSED_CHANNELS",
     "GUESSED_CLIP_FRAMES",
@@ -175,6 +183,8 @@ __all__ = [
     "OUTPUT_NAME",
     "PARITY_BATCH_SIZE",
     "SCHEDULES",
+    "SUMMARY_BENCH_RUNS",
+    "SUMMARY_BENCH_SECONDS",
     "TrainConfig",
     "Tolerance",
     "tolerance_for",

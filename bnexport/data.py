@@ -187,3 +187,129 @@ def parity_batch(dataset: Dataset, *, seed: int = DEFAULT_SEED, size: int = PARI
     size = min(size, len(dataset.test_labels))
     index = torch.randperm(len(dataset.test_labels), generator=generator)[:size]
     return dataset.test_images[index].clone()
+
+
+# Figure data for a user's model (`bnexport export --data/--dataset`) -----------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+
+
+@dataclass
+class FigureData:
+    """A batch of model inputs for the report's figures, and where it came from."""
+
+    inputs: tuple[torch.Tensor, ...]  # one tensor per positional input of the model
+    description: str
+    synthetic: bool
+
+
+def load_figure_data(shapes: dict[str, tuple[int, ...]], *, data: str | Path | None = None, dataset: str | None = None,
+                     seed: int = DEFAULT_SEED, size: int = 8, data_root: str | Path = "data",
+                     download: bool = False) -> FigureData:
+    """``size`` samples shaped as ``shapes`` (input name → N,C,H,W...) for the figures.
+
+    ``data`` is a folder of images in class folders (torchvision's ``ImageFolder``; resized to the
+    input's H×W, scaled to [0, 1]) or an .npy/.npz file of samples (uint8 is scaled to [0, 1]; an
+    .npz holds one array per input name, or a single array); ``dataset`` a name of ``DATASETS``,
+    its test split. With neither, seeded standard-normal input, and the figures say so.
+    """
+    if data is not None and dataset is not None:
+        raise BnexportError("--data and --dataset: give one or the other")
+    if data is None and dataset is None:
+        from .model_spec import seeded_tensors
+
+        inputs = seeded_tensors(shapes, seed=seed, batch=size)
+        dims = ", ".join("×".join(map(str, (size, *s[1:]))) for s in shapes.values())
+        return FigureData(inputs, f"seeded synthetic input ({dims}, standard normal, seed {seed})", synthetic=True)
+    if dataset is not None:
+        return _dataset_figure_data(shapes, dataset, seed=seed, size=size, data_root=data_root, download=download)
+    path = Path(data)
+    if not path.exists():
+        raise BnexportError(f"--data {path}: not found")
+    if path.is_dir():
+        return _image_folder_figure_data(shapes, path, seed=seed, size=size)
+    if path.suffix.lower() in (".npy", ".npz"):
+        return _array_figure_data(shapes, path, seed=seed, size=size)
+    raise BnexportError(f"--data {path}: expected a folder of images or an .npy/.npz file")
+
+
+def _only_input(shapes: dict[str, tuple[int, ...]], flag: str) -> tuple[str, tuple[int, ...]]:
+    if len(shapes) != 1:
+        raise BnexportError(f"{flag}: images feed a model with one input; this one takes {', '.join(shapes)} "
+                            "(give an .npz with one array per input name)")
+    name, shape = next(iter(shapes.items()))
+    if len(shape) != 4:
+        raise BnexportError(f"{flag}: images need a 4-D input N,C,H,W; {name} is {list(shape)}")
+    return name, shape
+
+
+def _seeded_pick(count: int, size: int, seed: int) -> torch.Tensor:
+    return torch.randperm(count, generator=torch.Generator().manual_seed(seed))[:size]
+
+
+def _dataset_figure_data(shapes, name: str, *, seed: int, size: int, data_root, download: bool) -> FigureData:
+    flag = f"--dataset {name}"
+    input_name, shape = _only_input(shapes, flag)
+    loaded = load_dataset(name, data_root=data_root, download=download, seed=seed)
+    if tuple(loaded.image_shape) != tuple(shape[1:]):
+        raise BnexportError(f"{flag}: its images are {list(loaded.image_shape)}, {input_name} takes {list(shape[1:])}")
+    images = loaded.test_images[_seeded_pick(len(loaded.test_labels), size, seed)].clone()
+    return FigureData((images,), f"{loaded.name} test split ({len(images)} samples)", synthetic=False)
+
+
+def _image_folder_figure_data(shapes, path: Path, *, seed: int, size: int) -> FigureData:
+    from torchvision import datasets, transforms
+
+    flag = f"--data {path}"
+    _, shape = _only_input(shapes, flag)
+    channels, height, width = shape[1:]
+    if channels not in (1, 3):
+        raise BnexportError(f"{flag}: images give 1 or 3 channels; the model takes {channels}")
+    steps = [transforms.Resize((height, width)), transforms.ToTensor()]
+    if channels == 1:
+        steps.insert(0, transforms.Grayscale(1))
+    try:
+        folder = datasets.ImageFolder(str(path), transform=transforms.Compose(steps))
+    except (FileNotFoundError, RuntimeError) as err:
+        raise BnexportError(f"{flag}: not an image folder ({str(err).splitlines()[0]})") from None
+    picked = _seeded_pick(len(folder), size, seed).tolist()
+    try:
+        images = torch.stack([folder[i][0] for i in picked])
+    except OSError as err:
+        raise BnexportError(f"{flag}: cannot read an image ({err})") from None
+    return FigureData((images,), f"{len(images)} images from {path.name}/ (resized to {height}×{width})", synthetic=False)
+
+
+def _array_figure_data(shapes, path: Path, *, seed: int, size: int) -> FigureData:
+    flag = f"--data {path}"
+    try:
+        if path.suffix.lower() == ".npy":
+            arrays = {None: np.load(path, allow_pickle=False)}
+        else:
+            with np.load(path, allow_pickle=False) as archive:
+                arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as err:
+        raise BnexportError(f"{flag}: not a readable numpy file ({err})") from None
+    if len(arrays) == 1:
+        by_input = {next(iter(shapes)): next(iter(arrays.values()))} if len(shapes) == 1 else {}
+    else:
+        by_input = {name: arrays[name] for name in shapes if name in arrays}
+    missing = [name for name in shapes if name not in by_input]
+    if missing:
+        raise BnexportError(f"{flag}: no array for input {missing[0]!r}; an .npz needs one array per input name "
+                            f"({', '.join(shapes)}), it has {', '.join(str(k) for k in arrays)}")
+    counts = {len(a) for a in by_input.values()}
+    if len(counts) != 1 or not counts.pop():
+        raise BnexportError(f"{flag}: every array needs the same number of samples, at least 1")
+    index = _seeded_pick(len(next(iter(by_input.values()))), size, seed).numpy()
+    tensors = []
+    for name, shape in shapes.items():
+        array = np.asarray(by_input[name])
+        if array.ndim == len(shape) - 1 and shape[1] == 1:  # greyscale N,H,W for an N,1,H,W input
+            array = array[:, None]
+        if tuple(array.shape[1:]) != tuple(shape[1:]):
+            raise BnexportError(f"{flag}: samples of {name} are {list(array.shape[1:])}, the model takes {list(shape[1:])}")
+        values = array[index]
+        tensor = torch.from_numpy(values.astype(np.float32) / 255.0 if values.dtype == np.uint8 else values.astype(np.float32))
+        tensors.append(tensor)
+    return FigureData(tuple(tensors), f"{len(index)} samples from {path.name}", synthetic=False)

@@ -16,12 +16,13 @@ import onnx
 import torch
 
 from .export import writers as exporters
-from .artifacts import atomic_path, library_versions, write_json, write_manifest
-from .config import ARTIFACTS, DEFAULT_FIGURE_FORMAT, DEFAULT_TOLERANCE, PARITY_BATCH_SIZE, SCHEDULES, Tolerance, TrainConfig
+from .artifacts import atomic_path, library_versions, prepare_out_dir, write_json, write_manifest
+from .config import (ARTIFACTS, DEFAULT_FIGURE_FORMAT, DEFAULT_TOLERANCE, INPUT_NAME, OUTPUT_NAME, PARITY_BATCH_SIZE,
+                     SCHEDULES, SUMMARY_BENCH_RUNS, SUMMARY_BENCH_SECONDS, Tolerance, TrainConfig)
 from .data import Dataset, load_for_config, parity_batch
 from .distributed.process_group import Replicas
-from .errors import BnexportError
-from .fold import FoldReport, fold_module, fold_onnx
+from .errors import BnexportError, first_line
+from .fold import fold_module, fold_onnx
 from .model import count_batchnorm
 from .parity.compare import ParityReport, run_parity
 from .parity.runners import (eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
@@ -36,6 +37,7 @@ FILE_DESCRIPTIONS = {
     ARTIFACTS.torchscript: "TorchScript, BatchNorm kept",
     ARTIFACTS.torchscript_folded: "TorchScript, BatchNorm folded into the conv",
     ARTIFACTS.exported_program: "torch.export ExportedProgram, BatchNorm kept, dynamic batch",
+    ARTIFACTS.exported_program_folded: "torch.export ExportedProgram, BatchNorm folded into the conv, dynamic batch",
     ARTIFACTS.onnx: "ONNX, one BatchNormalization node per BN layer",
     ARTIFACTS.onnx_folded: "ONNX, BatchNorm folded into the conv by bnexport",
     ARTIFACTS.fold_report: "per-BatchNorm fold decisions, torch and ONNX",
@@ -50,29 +52,42 @@ FILE_DESCRIPTIONS = {
 
 @dataclass
 class RunSummary:
-    dataset: dict
-    config: dict
-    epochs: int
-    test_accuracy: float | None
+    """summary.json: what a run made of its model, for `train-and-export` (dataset, config, epochs and
+    accuracy) and for `export` (the model's spec, weights and inputs) alike."""
+
     batchnorm_layers: int
+    dataset: dict | None = None
+    config: dict | None = None
+    epochs: int | None = None
+    test_accuracy: float | None = None
+    model: dict | None = None  # export: LoadedModel.describe()
+    inputs: dict[str, list[int]] | None = None  # export: the shape of every input the checks fed
     batchnorm_folded: int | None = None
     onnx_ops: dict[str, dict[str, int]] = field(default_factory=dict)
     parity_passed: bool | None = None
+    file_sizes: dict[str, int] = field(default_factory=dict)
+    bench: dict | None = None  # export: BatchNorm kept against folded, per runtime (bench.time_kept_against_folded)
+    figure_data: str | None = None  # export: what the figures were drawn from
+    notes: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
     replicas: dict | None = None  # torchrun or --recalibrate-bn: ranks, backend, BN statistics spread and merge
 
     def to_json(self) -> dict:
+        trained = {} if self.model is not None else {
+            "dataset": self.dataset, "config": self.config, "epochs": self.epochs, "test_accuracy": self.test_accuracy}
+        exported = {} if self.model is None else {
+            "model": self.model, "inputs": self.inputs, "figure_data": self.figure_data, "bench": self.bench}
         extra = {} if self.replicas is None else {"replicas": self.replicas}
         return {
-            "dataset": self.dataset,
-            "config": self.config,
-            "epochs": self.epochs,
-            "test_accuracy": self.test_accuracy,
+            **trained,
+            **exported,
             "batchnorm_layers": self.batchnorm_layers,
             "batchnorm_folded": self.batchnorm_folded,
             "onnx_ops": self.onnx_ops,
             "parity": None if self.parity_passed is None else ("pass" if self.parity_passed else "fail"),
+            "file_sizes": self.file_sizes,
+            "notes": self.notes,
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
             "total_seconds": round(sum(self.stage_seconds.values()), 3),
             "versions": self.versions,
@@ -81,20 +96,36 @@ class RunSummary:
 
     def table(self) -> str:
         rows = [("", "")]
-        rows.append(("dataset", f"{self.dataset['name']} {'x'.join(map(str, self.dataset['image_shape']))}, "
-                                f"{self.dataset['train_size']} train / {self.dataset['test_size']} test"))
-        rows.append(("epochs", str(self.epochs)))
+        if self.model is not None:
+            weights = "random (seed {})".format(self.model["seed"]) if self.model["random_weights"] else \
+                (self.model["weights"] or "its own")
+            rows.append(("model", f"{self.model['spec']} ({self.model['parameters']:,} parameters), weights {weights}"))
+            rows.append(("inputs", ", ".join(f"{n} {'×'.join(map(str, s))}" for n, s in (self.inputs or {}).items())))
+        if self.dataset is not None:
+            rows.append(("dataset", f"{self.dataset['name']} {'x'.join(map(str, self.dataset['image_shape']))}, "
+                                    f"{self.dataset['train_size']} train / {self.dataset['test_size']} test"))
+        if self.epochs is not None:
+            rows.append(("epochs", str(self.epochs)))
         if self.test_accuracy is not None:
             rows.append(("test accuracy", f"{self.test_accuracy:.2%}"))
         if self.batchnorm_folded is not None:
             rows.append(("BatchNorm folded", f"{self.batchnorm_folded} of {self.batchnorm_layers}"))
         if self.parity_passed is not None:
             rows.append(("parity", "pass" if self.parity_passed else "FAIL"))
+        if self.bench:
+            rows.append(("folding buys", ", ".join(f"{name} {t['kept_ms']:.2f} → {t['folded_ms']:.2f} ms "
+                                                   f"({t['speedup']:.2f}×)" for name, t in self.bench["runtimes"].items())))
         if self.replicas is not None:
             rows.append(("BatchNorm statistics", replicas_line(self.replicas)))
+        for note in self.notes:
+            rows.append(("note", note))
         seconds = ", ".join(f"{k} {v:.1f}s" for k, v in self.stage_seconds.items())
         rows.append(("time", f"{sum(self.stage_seconds.values()):.1f}s ({seconds})"))
         return "\n".join(format_table(rows).splitlines()[2:])
+
+
+def file_sizes(out: Path, names) -> dict[str, int]:
+    return {name: (out / name).stat().st_size for name in names if (out / name).is_file()}
 
 
 @contextmanager
@@ -162,63 +193,183 @@ def replicas_record(replicas: Replicas) -> dict | None:
 
 @dataclass
 class Exports:
-    """What ``export_all`` wrote, as the later stages use it."""
+    """What the export stage wrote and measured, as the later stages use it."""
 
     fold_reports: dict  # fold.json: the torch and the ONNX fold
     onnx_ops: dict[str, dict[str, int]]  # op counts of model.onnx and model.folded.onnx
     onnx_models: tuple[onnx.ModelProto, onnx.ModelProto]  # model.onnx and model.folded.onnx
+    folded_module: torch.nn.Module
+    parity: ParityReport | None = None
+    parity_outputs: dict[str, np.ndarray] = field(default_factory=dict)
+    written: list[str] = field(default_factory=list)  # artifact names, in the order they were written
+    notes: list[str] = field(default_factory=list)  # what a reader should know: a fallback exporter, a skipped file
+    how: dict[str, str] = field(default_factory=dict)  # artifact name → the exporter that wrote it
 
 
-def export_all(model: torch.nn.Module, folded_module: torch.nn.Module, torch_report: FoldReport,
-               example: torch.Tensor, out: Path) -> Exports:
-    """Write every export, BN kept and folded, and fold.json."""
-    exporters.export_torchscript(model, out / ARTIFACTS.torchscript)
-    exporters.export_torchscript(folded_module, out / ARTIFACTS.torchscript_folded)
-    exporters.export_program(model, example, out / ARTIFACTS.exported_program)
-    onnx_model = exporters.to_onnx(model, example)
-    folded_onnx, onnx_report = fold_onnx(onnx_model, check=False)
-    ops = {ARTIFACTS.onnx: exporters.op_counts(onnx_model), ARTIFACTS.onnx_folded: exporters.op_counts(folded_onnx)}
-    expected_bn = count_batchnorm(model)
-    if ops[ARTIFACTS.onnx].get("BatchNormalization", 0) != expected_bn:
-        raise RuntimeError(f"exporter wrote {ops[ARTIFACTS.onnx].get('BatchNormalization', 0)} BatchNormalization nodes "
-                           f"for {expected_bn} BN layers; check ONNX_EXPORT_OPTIONS")
-    onnx.checker.check_model(folded_onnx, full_check=True)
-    exporters.save_onnx(onnx_model, out / ARTIFACTS.onnx)
-    exporters.save_onnx(folded_onnx, out / ARTIFACTS.onnx_folded)
-    reports = {"torch": torch_report.to_json(), "onnx": onnx_report.to_json()}
-    write_json(out / ARTIFACTS.fold_report, reports)
-    return Exports(reports, ops, (onnx_model, folded_onnx))
+EXPORT_STAGES = ("fold module", "TorchScript", "torch.export", "ONNX", "fold ONNX", "parity")
 
 
-def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: Path, inputs: torch.Tensor, *,
-                  seed: int, tolerance: Tolerance = DEFAULT_TOLERANCE) -> tuple[ParityReport, dict[str, np.ndarray]]:
-    """Every export against the unfolded eager model, on the same seeded test batch; writes
-    parity.json and parity_outputs.npz, and returns the report and those raw outputs."""
-    candidates = {
-        "eager folded": eager_runner(folded_module),
-        "TorchScript": torchscript_runner(out / ARTIFACTS.torchscript),
-        "TorchScript folded": torchscript_runner(out / ARTIFACTS.torchscript_folded),
-        "torch.export": exported_program_runner(out / ARTIFACTS.exported_program),
-        "ORT model.onnx (no graph opt)": onnxruntime_runner(out / ARTIFACTS.onnx, optimize=False),
-        "ORT model.onnx (default opt)": onnxruntime_runner(out / ARTIFACTS.onnx, optimize=True),
-        "ORT model.folded.onnx (no graph opt)": onnxruntime_runner(out / ARTIFACTS.onnx_folded, optimize=False),
-        "ORT model.folded.onnx (default opt)": onnxruntime_runner(out / ARTIFACTS.onnx_folded, optimize=True),
+def _stage_bar(progress: bool, stages: tuple[str, ...]):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=len(stages), desc=stages[0], unit="stage", disable=not progress, leave=False)
+
+
+def _advance(bar, label: str | None) -> None:
+    bar.update(1)
+    if label:
+        bar.set_description_str(label)
+
+
+def export_stage(model: torch.nn.Module, parity_inputs: tuple[torch.Tensor, ...], out: Path, *,
+                 input_names: tuple[str, ...], output_names: list[str] | None, example: tuple[torch.Tensor, ...],
+                 seed: int, tolerance: Tolerance = DEFAULT_TOLERANCE, expected_batchnorm: int | None = None,
+                 dynamic_batch: bool = True, progress: bool = False, label: str = "the model",
+                 seconds: dict[str, float] | None = None) -> Exports:
+    """Fold, write every export (BatchNorm kept and folded) and fold.json, then check every export
+    against eager on ``parity_inputs``: the one export pipeline of ``train-and-export`` and ``export``.
+
+    ``example`` is what the exporters trace (a batch of 2 or more for a dynamic batch axis);
+    ``expected_batchnorm`` is how many BatchNorm calls model.onnx must show (default: the BN modules).
+    TorchScript falls back from script to trace, and ONNX from the dynamo exporter to the TorchScript
+    one; a torch.export failure skips the two .pt2 files with a note. ONNX that neither exporter
+    writes ends the run with a ``BnexportError`` naming both.
+    """
+    seconds = {} if seconds is None else seconds
+    notes: list[str] = []
+    how: dict[str, str] = {}
+    written: list[str] = []
+    bar = _stage_bar(progress, EXPORT_STAGES)
+    try:
+        with _timed(seconds, "export"):
+            folded_module, torch_report = fold_module(model, check=False, example_inputs=example)  # checked below
+            _advance(bar, "TorchScript")
+            for module, name in ((model, ARTIFACTS.torchscript), (folded_module, ARTIFACTS.torchscript_folded)):
+                try:
+                    how[name] = "torch.jit." + exporters.export_torchscript(module, out / name, example=example)
+                    written.append(name)
+                except BnexportError as err:
+                    notes.append(f"{name} not written: {err}")
+            if how.get(ARTIFACTS.torchscript) == "torch.jit.trace":
+                notes.append(f"{label} is not scriptable: the TorchScript files are traced at the example's shapes, "
+                             "so data-dependent branches are frozen")
+            _advance(bar, "torch.export")
+            for module, name in ((model, ARTIFACTS.exported_program), (folded_module, ARTIFACTS.exported_program_folded)):
+                try:
+                    exporters.export_program(module, example, out / name, dynamic_batch=dynamic_batch)
+                    how[name] = "torch.export"
+                    written.append(name)
+                except Exception as err:  # torch.export's own errors: a graph break, an unsupported op
+                    notes.append(f"{name} not written: torch.export cannot export {label} ({first_line(err)})")
+                    break
+            _advance(bar, "ONNX")
+            onnx_model, how[ARTIFACTS.onnx] = _export_onnx(model, example, input_names=list(input_names),
+                                                             output_names=output_names, dynamic_batch=dynamic_batch,
+                                                             label=label)
+            if how[ARTIFACTS.onnx] != "dynamo":
+                notes.append(f"{ARTIFACTS.onnx}: the dynamo exporter failed, so the TorchScript exporter wrote it")
+            _advance(bar, "fold ONNX")
+            folded_onnx, onnx_report = fold_onnx(onnx_model, check=False)
+            ops = {ARTIFACTS.onnx: exporters.op_counts(onnx_model), ARTIFACTS.onnx_folded: exporters.op_counts(folded_onnx)}
+            expected = count_batchnorm(model) if expected_batchnorm is None else expected_batchnorm
+            found = ops[ARTIFACTS.onnx].get("BatchNormalization", 0)
+            if found < expected:
+                raise RuntimeError(f"exporter wrote {found} BatchNormalization nodes for {expected} BN calls; "
+                                   "check ONNX_EXPORT_OPTIONS")
+            if found > expected:
+                notes.append(f"{ARTIFACTS.onnx} has {found} BatchNormalization nodes for {expected} BN module calls: "
+                             "the others come from functional batch_norm calls")
+            onnx.checker.check_model(folded_onnx, full_check=True)
+            exporters.save_onnx(onnx_model, out / ARTIFACTS.onnx)
+            exporters.save_onnx(folded_onnx, out / ARTIFACTS.onnx_folded)
+            written += [ARTIFACTS.onnx, ARTIFACTS.onnx_folded]
+            how[ARTIFACTS.onnx_folded] = "bnexport fold"
+            reports = {"torch": torch_report.to_json(), "onnx": onnx_report.to_json()}
+            write_json(out / ARTIFACTS.fold_report, reports)
+            written.append(ARTIFACTS.fold_report)
+        _advance(bar, "parity")
+        exports = Exports(reports, ops, (onnx_model, folded_onnx), folded_module, written=written, notes=notes, how=how)
+        with _timed(seconds, "parity"):
+            exports.parity, exports.parity_outputs = check_exports(model, folded_module, out, parity_inputs,
+                                                                   input_names=input_names, seed=seed,
+                                                                   tolerance=tolerance, written=written)
+        exports.written += [ARTIFACTS.parity, ARTIFACTS.parity_outputs]
+        _advance(bar, None)
+    finally:
+        bar.close()
+    return exports
+
+
+def _export_onnx(model, example, *, input_names, output_names, dynamic_batch: bool, label: str):
+    """model.onnx by the dynamo exporter, else by the TorchScript one; one line naming both when neither can."""
+    try:
+        return exporters.to_onnx(model, example, input_names=input_names, output_names=output_names,
+                                 dynamic_batch=dynamic_batch), "dynamo"
+    except Exception as dynamo_error:
+        try:
+            return exporters.to_onnx_by_torchscript(model, example, input_names=input_names, output_names=output_names,
+                                                    dynamic_batch=dynamic_batch), "torchscript"
+        except Exception as torchscript_error:
+            raise BnexportError(f"{label}: no exporter can write ONNX: dynamo exporter: {_exporter_cause(dynamo_error)}; "
+                                f"TorchScript exporter: {_exporter_cause(torchscript_error)}") from None
+
+
+def _exporter_cause(err: BaseException) -> str:
+    """The op an exporter stumbled on, where its message names one, then its first line."""
+    import re
+
+    text = str(err)
+    ops = sorted(set(re.findall(r"\b(?:aten|prim|onnx)(?:::|\.)\w+(?:\.\w+)?", text)))
+    line = first_line(err, limit=160)
+    return f"op {', '.join(ops[:3])}: {line}" if ops else f"{type(err).__name__}: {line}"
+
+
+def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: Path, inputs, *,
+                  seed: int, tolerance: Tolerance = DEFAULT_TOLERANCE, input_names: tuple[str, ...] = (INPUT_NAME,),
+                  written: list[str] | None = None) -> tuple[ParityReport, dict[str, np.ndarray]]:
+    """Every export against the unfolded eager model, on the same seeded input (a tensor, or one per
+    input name); writes parity.json and parity_outputs.npz, and returns the report and those raw outputs.
+    ``written`` lists the export files that exist (all of them by default)."""
+    present = set(written) if written is not None else None
+
+    def exists(name: str) -> bool:
+        return present is None or name in present
+
+    candidates = {"eager folded": eager_runner(folded_module)}
+    files = {
+        "TorchScript": (ARTIFACTS.torchscript, torchscript_runner),
+        "TorchScript folded": (ARTIFACTS.torchscript_folded, torchscript_runner),
+        "torch.export": (ARTIFACTS.exported_program, exported_program_runner),
+        "torch.export folded": (ARTIFACTS.exported_program_folded, exported_program_runner),
     }
+    for name, (file, load) in files.items():
+        if exists(file):
+            candidates[name] = load(out / file)
+    for file in (ARTIFACTS.onnx, ARTIFACTS.onnx_folded):
+        candidates[f"ORT {file} (no graph opt)"] = onnxruntime_runner(out / file, optimize=False)
+        candidates[f"ORT {file} (default opt)"] = onnxruntime_runner(out / file, optimize=True)
     for name in (ARTIFACTS.onnx, ARTIFACTS.onnx_folded):  # where onnxruntime has a working CUDA provider
         cuda = onnxruntime_cuda_runner(out / name)
         if cuda is not None:
             candidates[f"ORT {name} (CUDA)"] = cuda
+    tensors = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+    feeds = {name: tensor.numpy() for name, tensor in zip(input_names, tensors)}
     outputs: dict[str, np.ndarray] = {}
 
     def keeping_output(name: str, runner):  # the parity figure needs every |Δ|, not only the summary
-        def run(batch: np.ndarray) -> np.ndarray:
-            outputs[name] = runner(batch)
-            return outputs[name]
+        def run(batch):
+            result = runner(batch)
+            if isinstance(result, dict):  # several outputs: one entry each, named as the parity results are
+                outputs.update({f"{name} [{key}]": np.asarray(value) for key, value in result.items()})
+                outputs.setdefault(name, np.asarray(next(iter(result.values()))))
+            else:
+                outputs[name] = result
+            return result
         return run
 
     report = run_parity(keeping_output("reference", eager_runner(model)),
                         {name: keeping_output(name, runner) for name, runner in candidates.items()},
-                        inputs.numpy(), reference_name="eager (BatchNorm kept)", seed=seed, tolerance=tolerance)
+                        feeds, reference_name="eager (BatchNorm kept)", seed=seed, tolerance=tolerance)
     write_json(out / ARTIFACTS.parity, report.to_json())
     with atomic_path(out / ARTIFACTS.parity_outputs) as tmp, open(tmp, "wb") as handle:
         np.savez_compressed(handle, **outputs)
@@ -249,16 +400,16 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
     write_json(out / ARTIFACTS.training_curves, {"config": config.to_json(), "runs": [run.to_json() for run in runs]})
     model = state.model.eval()
     inputs = parity_batch(dataset, seed=config.seed, size=PARITY_BATCH_SIZE)
-    with _timed(seconds, "export"):
-        folded_module, torch_report = fold_module(model, check=False)  # checked below, with every export
-        exports = export_all(model, folded_module, torch_report, inputs[:2], out)
-    with _timed(seconds, "parity"):
-        parity, outputs = check_exports(model, folded_module, out, inputs, seed=config.seed, tolerance=tolerance)
+    exports = export_stage(model, (inputs,), out, input_names=(INPUT_NAME,), output_names=[OUTPUT_NAME],
+                           example=(inputs[:2],), seed=config.seed, tolerance=tolerance, progress=progress,
+                           label="SimpleCNN", seconds=seconds)
+    parity, outputs = exports.parity, exports.parity_outputs
     summary = RunSummary(
         dataset=dataset.describe(), config=config.to_json(), epochs=state.epoch,
         test_accuracy=state.history.test_accuracy[-1] if state.history.test_accuracy else None,
         batchnorm_layers=count_batchnorm(model), batchnorm_folded=exports.fold_reports["onnx"]["folded"],
-        onnx_ops=exports.onnx_ops, parity_passed=parity.passed, stage_seconds=seconds, replicas=replicas_record(replicas),
+        onnx_ops=exports.onnx_ops, parity_passed=parity.passed, file_sizes=file_sizes(out, exports.written),
+        notes=exports.notes, stage_seconds=seconds, replicas=replicas_record(replicas),
     )
     from .viz.visualize import VisualizeInputs, visualize  # matplotlib is needed by this stage only, not by `train`
 
@@ -307,3 +458,139 @@ def validate_config(config: TrainConfig) -> None:
         raise BnexportError(f"--shift must be 0 or more pixels, got {config.shift}")
     if config.schedule not in SCHEDULES:
         raise BnexportError(f"--schedule must be {' or '.join(SCHEDULES)}, got {config.schedule!r}")
+
+
+# `export`: a user's model through the same export stage, no training ----------------------
+
+EXPORT_DESCRIPTIONS = {
+    **{name: text for name, text in FILE_DESCRIPTIONS.items()
+       if name not in (ARTIFACTS.checkpoint, ARTIFACTS.history, ARTIFACTS.bn_stats, ARTIFACTS.training_curves)},
+    ARTIFACTS.summary: "model spec, weights, inputs, folded BN count, parity verdict, what folding buys, seconds per stage",
+    ARTIFACTS.report: "one-page HTML report: summary, BN health, folding, parity, figures",
+}
+
+
+def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed: int | None = None,
+                 tolerance: Tolerance = DEFAULT_TOLERANCE, figure_data=None, figure_format: str = DEFAULT_FIGURE_FORMAT,
+                 bench: bool = True, progress: bool = True) -> tuple[RunSummary, ParityReport, dict]:
+    """Export a user's model (a ``bnexport.model_spec.LoadedModel``) to ``out``: every file that
+    ``train-and-export`` writes after training, with its report and figures.
+
+    The model first runs once on seeded input of ``shapes`` (input name → shape); a model that
+    rejects it ends the run before anything is written, naming the layer. The files are written in
+    a staging folder beside ``out`` and moved in when all of them are there, so a run that fails
+    leaves ``out`` as it was. ``figure_data`` is a ``bnexport.data.FigureData`` (default: seeded
+    synthetic input). Returns the summary, the parity report and fold.json; the caller decides the exit status.
+    """
+    import shutil
+    import tempfile
+
+    from .bench import time_kept_against_folded
+    from .data import load_figure_data
+    from .model_spec import run_checked, seeded_tensors
+
+    seed = loaded.seed if seed is None else seed
+    model = loaded.module.eval()
+    seconds: dict[str, float] = {}
+    label = loaded.spec
+    with _timed(seconds, "check input"):
+        parity_inputs = seeded_tensors(shapes, seed=seed)
+        output, batchnorm_calls = run_checked(model, parity_inputs, shapes=shapes, spec=label)
+        given_batch = next(iter(shapes.values()))[0]
+        example, dynamic_batch, notes = parity_inputs, True, list(loaded.notes)
+        if given_batch < 2:  # torch.export makes a batch of 1 a constant: trace at 2, check at the given shape
+            example = seeded_tensors(shapes, seed=seed, batch=2)
+            try:
+                run_checked(model, example, shapes={n: (2, *s[1:]) for n, s in shapes.items()}, spec=label)
+            except BnexportError:
+                example, dynamic_batch = parity_inputs, False
+                notes.append(f"{label} does not run at batch 2, so the exports keep the batch size fixed at {given_batch}")
+    outputs = output if isinstance(output, (tuple, list)) else (output,)
+    output_names = [OUTPUT_NAME] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+    try:
+        exports = export_stage(model, parity_inputs, staging, input_names=loaded.input_names, output_names=output_names,
+                               example=example, seed=seed, tolerance=tolerance, expected_batchnorm=batchnorm_calls,
+                               dynamic_batch=dynamic_batch, progress=progress, label=label, seconds=seconds)
+        exports.notes = notes + exports.notes
+        bench_result = None
+        if bench:
+            with _timed(seconds, "bench"):
+                feeds = {name: tensor.numpy() for name, tensor in zip(loaded.input_names, parity_inputs)}
+                runners = {
+                    "eager": (eager_runner(model), eager_runner(exports.folded_module)),
+                    "ONNX Runtime": (onnxruntime_runner(staging / ARTIFACTS.onnx, optimize=True),
+                                     onnxruntime_runner(staging / ARTIFACTS.onnx_folded, optimize=True)),
+                }
+                bench_result = time_kept_against_folded(runners, feeds, min_runs=SUMMARY_BENCH_RUNS,
+                                                        min_seconds=SUMMARY_BENCH_SECONDS)
+        summary = RunSummary(
+            batchnorm_layers=count_batchnorm(model), model=loaded.describe(),
+            inputs={name: list(shape) for name, shape in shapes.items()},
+            batchnorm_folded=exports.fold_reports["onnx"]["folded"], onnx_ops=exports.onnx_ops,
+            parity_passed=exports.parity.passed, file_sizes=file_sizes(staging, exports.written), bench=bench_result,
+            notes=exports.notes, stage_seconds=seconds,
+        )
+        with _timed(seconds, "visualize"):
+            figures = figure_data or load_figure_data(shapes, seed=seed)
+            summary.figure_data = figures.description
+            from .viz.visualize import VisualizeInputs, visualize
+
+            held = VisualizeInputs(
+                model=model, figure_inputs=figures.inputs, figure_data=figures.description, synthetic=figures.synthetic,
+                parity=exports.parity.to_json(), parity_outputs=exports.parity_outputs, fold=exports.fold_reports,
+                onnx_models=exports.onnx_models, summary=summary.to_json(),
+            )
+            drawn = visualize(staging, figure_format=figure_format, inputs=held)
+        write_json(staging / ARTIFACTS.summary, summary.to_json())
+        write_manifest(staging, {**EXPORT_DESCRIPTIONS, **drawn.descriptions()}, name=ARTIFACTS.manifest)
+        _publish(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return summary, exports.parity, exports.fold_reports
+
+
+FOLD_TABLE_ROWS = 30  # a longer fold table prints its kept BatchNorms only; fold.json has every one
+
+
+def fold_table(fold: dict, *, limit: int = FOLD_TABLE_ROWS) -> str:
+    """The ONNX fold as the terminal shows it: each BatchNorm by module path, with its ONNX node."""
+    report = fold["onnx"]
+    records = report["records"]
+    if not records:
+        return "no BatchNorm in the model: nothing to fold"
+    shown = records if len(records) <= limit else [r for r in records if r["status"] != "folded"]
+    named = any(r.get("module") for r in records)
+    header = ("batchnorm", "ONNX node", "status", "folded into / reason") if named else ("batchnorm", "status", "folded into / reason")
+    rows = [header]
+    for r in shown:
+        target = (r.get("folded_into_module") or r.get("folded_into")) if r["status"] == "folded" else r.get("reason")
+        cells = (r.get("module") or r["batchnorm"], r["batchnorm"], r["status"], target or "") if named else \
+            (r["batchnorm"], r["status"], target or "")
+        rows.append(cells)
+    total = f"{report['folded']} of {report['batchnorm_total']} BatchNorm folded in {ARTIFACTS.onnx_folded}"
+    if len(shown) < len(records):
+        total += f" ({len(records) - len(shown)} folded rows not shown; {ARTIFACTS.fold_report} lists every one)"
+    return (format_table(rows) + "\n" if len(rows) > 1 else "") + total
+
+
+def _publish(staging: Path, out: Path) -> None:
+    """Move every file of ``staging`` into ``out``, replacing what is there under the same names
+    (the figures folder as a whole, so that no figure of an older run stays behind)."""
+    import os
+    import shutil
+
+    prepare_out_dir(out)
+    for stale in EXPORT_DESCRIPTIONS:  # an older run's file that this run did not write (a skipped .pt2) goes
+        if not (staging / stale).exists() and (out / stale).is_file():
+            (out / stale).unlink()
+    for entry in sorted(staging.iterdir()):
+        target = out / entry.name
+        if entry.is_dir():
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+        else:
+            os.replace(entry, target)

@@ -72,7 +72,7 @@ def test_train_only_and_resume(tmp_path):
 
 
 # what the README documents; a command added or dropped must show up here
-SUBCOMMANDS = ["train", "train-and-export", "fold", "inspect", "parity", "bench", "visualize", "view", "recalibrate"]
+SUBCOMMANDS = ["train", "train-and-export", "export", "fold", "inspect", "parity", "bench", "visualize", "view", "recalibrate"]
 
 
 def test_help_lists_the_subcommands():

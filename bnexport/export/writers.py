@@ -24,6 +24,7 @@ import onnx
 
 from ..artifacts import FILE_MODE, atomic_path
 from ..config import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME
+from ..errors import BnexportError, first_line
 
 if TYPE_CHECKING:  # annotations only: torch is imported where it runs
     import torch
@@ -32,45 +33,80 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it runs
 ONNX_EXPORT_OPTIONS = {"dynamo": True, "optimize": False, "external_data": False}
 
 
-def export_torchscript(module: torch.nn.Module, path: str | Path) -> Path:
+def _as_tuple(example) -> tuple:
+    return tuple(example) if isinstance(example, (tuple, list)) else (example,)
+
+
+def export_torchscript(module: torch.nn.Module, path: str | Path, *, example=None) -> str:
+    """TorchScript by ``torch.jit.script``; where the forward is not scriptable (many timm and user
+    models), by ``torch.jit.trace`` on ``example``. Returns "script" or "trace", whichever wrote it."""
     import torch
 
     with warnings.catch_warnings():
         # TorchScript is deprecated upstream; this file is written on purpose for its users.
         warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=Warning)
         warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support instance-level")
-        scripted = torch.jit.script(module.eval())
+        try:
+            scripted, how = torch.jit.script(module.eval()), "script"
+        except Exception as script_error:
+            if example is None:
+                raise
+            warnings.simplefilter("ignore")  # the tracer's warnings name the user's code, not a problem of this file
+            try:
+                with torch.no_grad():
+                    scripted, how = torch.jit.trace(module.eval(), _as_tuple(example), check_trace=False), "trace"
+            except Exception as trace_error:
+                raise BnexportError(f"TorchScript cannot export it: torch.jit.script: {first_line(script_error)}; "
+                                    f"torch.jit.trace: {first_line(trace_error)}") from None
         with atomic_path(path) as tmp:
             scripted.save(str(tmp))
-    return Path(path)
+    return how
 
 
-def export_program(module: torch.nn.Module, example: torch.Tensor, path: str | Path) -> Path:
-    """torch.export with a dynamic batch axis named ``batch``, saved as .pt2."""
+def batch_dims(example) -> tuple[dict, ...]:
+    """The first dim of every input, dynamic, named ``batch``: by position, whatever forward calls them."""
     import torch
 
     batch = torch.export.Dim("batch", min=1)
-    program = torch.export.export(module.eval(), (example,), dynamic_shapes={INPUT_NAME: {0: batch}})
+    return tuple({0: batch} for _ in _as_tuple(example))
+
+
+def export_program(module: torch.nn.Module, example, path: str | Path, *, dynamic_batch: bool = True) -> Path:
+    """torch.export, with a dynamic batch axis named ``batch`` unless ``dynamic_batch`` is False, saved as .pt2.
+
+    The example's batch must be 2 or more for a dynamic batch: torch.export specialises a size of 1.
+    """
+    import torch
+
+    program = torch.export.export(module.eval(), _as_tuple(example),
+                                  dynamic_shapes=batch_dims(example) if dynamic_batch else None)
     with atomic_path(path) as tmp:
         torch.export.save(program, str(tmp))
     return Path(path)
 
 
-def to_onnx(module: torch.nn.Module, example: torch.Tensor, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """ONNX with BatchNormalization kept, input ``images`` and output ``logits``, batch axis dynamic."""
+def to_onnx(module: torch.nn.Module, example, *, opset: int = DEFAULT_OPSET, input_names: list[str] | None = None,
+            output_names: list[str] | None = None, dynamic_batch: bool = True) -> onnx.ModelProto:
+    """ONNX with BatchNormalization kept, batch axis dynamic (unless ``dynamic_batch`` is False).
+
+    Inputs are called ``input_names`` (default ``images`` for a one-input model) and outputs
+    ``output_names`` (default ``logits``, the exporter's own names for several).
+    """
     import torch
 
+    example = _as_tuple(example)
+    if input_names is None and len(example) == 1:
+        input_names = [INPUT_NAME]
     options = dict(ONNX_EXPORT_OPTIONS)
     options.pop("external_data")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module.eval(),
-            (example,),
-            input_names=[INPUT_NAME],
-            output_names=[OUTPUT_NAME],
-            # by position, not by name: the module's forward may call its input anything
-            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            example,
+            input_names=input_names,
+            output_names=output_names if output_names is not None else [OUTPUT_NAME],
+            dynamic_shapes=batch_dims(example) if dynamic_batch else None,
             opset_version=opset,
             verbose=False,
             **options,
@@ -80,9 +116,31 @@ def to_onnx(module: torch.nn.Module, example: torch.Tensor, *, opset: int = DEFA
     return model
 
 
+def to_onnx_by_torchscript(module: torch.nn.Module, example, *, opset: int = DEFAULT_OPSET,
+                           input_names: list[str] | None = None, output_names: list[str] | None = None,
+                           dynamic_batch: bool = True) -> onnx.ModelProto:
+    """The TorchScript-based exporter (``dynamo=False``), for models the dynamo exporter cannot take.
+
+    ``do_constant_folding=False`` is what keeps its BatchNormalization nodes.
+    """
+    import torch
+
+    example = _as_tuple(example)
+    names = input_names if input_names is not None or len(example) > 1 else [INPUT_NAME]
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), example, buffer, dynamo=False, do_constant_folding=False,
+                          input_names=names, output_names=output_names, opset_version=opset,
+                          dynamic_axes={name: {0: "batch"} for name in names or []} if dynamic_batch else None)
+    model = onnx.load_from_string(buffer.getvalue())
+    _rename_dynamic_batch(model)
+    return model
+
+
 def _rename_dynamic_batch(model: onnx.ModelProto) -> None:
-    """Call the batch axis ``batch`` on the input and the output, whatever the exporter named it."""
-    for value in list(model.graph.input[:1]) + list(model.graph.output[:1]):
+    """Call the batch axis ``batch`` on the inputs and outputs, whatever the exporter named it."""
+    for value in list(model.graph.input) + list(model.graph.output):
         dims = value.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_param = "batch"
