@@ -25,7 +25,7 @@ from .errors import BnexportError, first_line
 from .fold import fold_module, fold_onnx
 from .model import count_batchnorm
 from .parity.compare import ParityReport, run_parity
-from .parity.runners import (eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
+from .parity.runners import (eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner, output_tensors,
                               torchscript_runner)
 from .train.recording import TrainingRecorder, train_twin
 from .tables import format_table
@@ -359,11 +359,11 @@ def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: P
     def keeping_output(name: str, runner):  # the parity figure needs every |Δ|, not only the summary
         def run(batch):
             result = runner(batch)
-            if isinstance(result, dict):  # several outputs: one entry each, named as the parity results are
+            if isinstance(result, dict) and len(result) > 1:  # one entry per output, named as the parity results are
                 outputs.update({f"{name} [{key}]": np.asarray(value) for key, value in result.items()})
                 outputs.setdefault(name, np.asarray(next(iter(result.values()))))
             else:
-                outputs[name] = result
+                outputs[name] = np.asarray(next(iter(result.values())) if isinstance(result, dict) else result)
             return result
         return run
 
@@ -505,7 +505,7 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
             except BnexportError:
                 example, dynamic_batch = parity_inputs, False
                 notes.append(f"{label} does not run at batch 2, so the exports keep the batch size fixed at {given_batch}")
-    outputs = output if isinstance(output, (tuple, list)) else (output,)
+    outputs = output_tensors(output)
     output_names = [OUTPUT_NAME] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
