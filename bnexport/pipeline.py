@@ -22,7 +22,7 @@ from .config import (ARTIFACTS, DEFAULT_FIGURE_FORMAT, DEFAULT_TOLERANCE, INPUT_
 from .data import Dataset, load_for_config, parity_batch
 from .distributed.process_group import Replicas
 from .errors import BnexportError, first_line
-from .fold import fold_module, fold_onnx
+from .fold import FoldReport, fold_module, fold_onnx
 from .model import count_batchnorm
 from .parity.compare import ParityReport, run_parity
 from .parity.runners import (eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner, output_tensors,
@@ -199,6 +199,7 @@ class Exports:
     onnx_ops: dict[str, dict[str, int]]  # op counts of model.onnx and model.folded.onnx
     onnx_models: tuple[onnx.ModelProto, onnx.ModelProto]  # model.onnx and model.folded.onnx
     folded_module: torch.nn.Module
+    onnx_fold: FoldReport | None = None  # the ONNX fold, for the terminal's table
     parity: ParityReport | None = None
     parity_outputs: dict[str, np.ndarray] = field(default_factory=dict)
     written: list[str] = field(default_factory=list)  # artifact names, in the order they were written
@@ -288,7 +289,8 @@ def export_stage(model: torch.nn.Module, parity_inputs: tuple[torch.Tensor, ...]
             write_json(out / ARTIFACTS.fold_report, reports)
             written.append(ARTIFACTS.fold_report)
         _advance(bar, "parity")
-        exports = Exports(reports, ops, (onnx_model, folded_onnx), folded_module, written=written, notes=notes, how=how)
+        exports = Exports(reports, ops, (onnx_model, folded_onnx), folded_module, onnx_report, written=written,
+                          notes=notes, how=how)
         with _timed(seconds, "parity"):
             exports.parity, exports.parity_outputs = check_exports(model, folded_module, out, parity_inputs,
                                                                    input_names=input_names, seed=seed,
@@ -472,7 +474,7 @@ EXPORT_DESCRIPTIONS = {
 
 def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed: int | None = None,
                  tolerance: Tolerance = DEFAULT_TOLERANCE, figure_data=None, figure_format: str = DEFAULT_FIGURE_FORMAT,
-                 bench: bool = True, progress: bool = True) -> tuple[RunSummary, ParityReport, dict]:
+                 bench: bool = True, progress: bool = True) -> tuple[RunSummary, ParityReport, FoldReport]:
     """Export a user's model (a ``bnexport.model_spec.LoadedModel``) to ``out``: every file that
     ``train-and-export`` writes after training, with its report and figures.
 
@@ -480,7 +482,7 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
     rejects it ends the run before anything is written, naming the layer. The files are written in
     a staging folder beside ``out`` and moved in when all of them are there, so a run that fails
     leaves ``out`` as it was. ``figure_data`` is a ``bnexport.data.FigureData`` (default: seeded
-    synthetic input). Returns the summary, the parity report and fold.json; the caller decides the exit status.
+    synthetic input). Returns the summary, the parity report and the ONNX fold's report; the caller decides the exit status.
     """
     import shutil
     import tempfile
@@ -549,31 +551,7 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return summary, exports.parity, exports.fold_reports
-
-
-FOLD_TABLE_ROWS = 30  # a longer fold table prints its kept BatchNorms only; fold.json has every one
-
-
-def fold_table(fold: dict, *, limit: int = FOLD_TABLE_ROWS) -> str:
-    """The ONNX fold as the terminal shows it: each BatchNorm by module path, with its ONNX node."""
-    report = fold["onnx"]
-    records = report["records"]
-    if not records:
-        return "no BatchNorm in the model: nothing to fold"
-    shown = records if len(records) <= limit else [r for r in records if r["status"] != "folded"]
-    named = any(r.get("module") for r in records)
-    header = ("batchnorm", "ONNX node", "status", "folded into / reason") if named else ("batchnorm", "status", "folded into / reason")
-    rows = [header]
-    for r in shown:
-        target = (r.get("folded_into_module") or r.get("folded_into")) if r["status"] == "folded" else r.get("reason")
-        cells = (r.get("module") or r["batchnorm"], r["batchnorm"], r["status"], target or "") if named else \
-            (r["batchnorm"], r["status"], target or "")
-        rows.append(cells)
-    total = f"{report['folded']} of {report['batchnorm_total']} BatchNorm folded in {ARTIFACTS.onnx_folded}"
-    if len(shown) < len(records):
-        total += f" ({len(records) - len(shown)} folded rows not shown; {ARTIFACTS.fold_report} lists every one)"
-    return (format_table(rows) + "\n" if len(rows) > 1 else "") + total
+    return summary, exports.parity, exports.onnx_fold
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -31,6 +31,9 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it runs
 
 # dynamo=True is the maintained exporter; optimize=False keeps BatchNormalization nodes.
 ONNX_EXPORT_OPTIONS = {"dynamo": True, "optimize": False, "external_data": False}
+# The dynamo exporter's per-node Python stack, which holds absolute source paths of the machine that
+# exported; ``to_onnx`` drops it. The other metadata stays: ``fold.onnx_names`` reads module paths from it.
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
 
 
 def _as_tuple(example) -> tuple:
@@ -113,6 +116,7 @@ def to_onnx(module: torch.nn.Module, example, *, opset: int = DEFAULT_OPSET, inp
         )
     model = program.model_proto
     _rename_dynamic_batch(model)
+    drop_stack_traces(model)
     return model
 
 
@@ -136,6 +140,22 @@ def to_onnx_by_torchscript(module: torch.nn.Module, example, *, opset: int = DEF
     model = onnx.load_from_string(buffer.getvalue())
     _rename_dynamic_batch(model)
     return model
+
+
+def drop_stack_traces(model: onnx.ModelProto) -> None:
+    """Remove the ``pkg.torch.onnx.stack_trace`` metadata of every node: main graph, subgraphs, functions."""
+    def clean(nodes) -> None:
+        for node in nodes:
+            for position in reversed(range(len(node.metadata_props))):
+                if node.metadata_props[position].key == STACK_TRACE:
+                    del node.metadata_props[position]
+            for attribute in node.attribute:
+                for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    clean(graph.node)
+
+    clean(model.graph.node)
+    for function in model.functions:
+        clean(function.node)
 
 
 def _rename_dynamic_batch(model: onnx.ModelProto) -> None:
