@@ -14,8 +14,8 @@ from pathlib import Path
 
 # Only light modules at the top: `--help`, `view` and `inspect` should not wait for torch.
 from .config import (BENCH_BATCHES, BENCH_MIN_SECONDS, DATASETS, DEFAULT_ATOL, DEFAULT_DIST_TIMEOUT_S, DEFAULT_FIGURE_FORMAT,
-                     DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES, FIGURE_FORMATS, FOLD_TABLE_ROWS, GUESSED_BATCH, GUESSED_IMAGE_SIDE,
-                     GUESSED_LENGTH, NETRON_PORT, SCHEDULES, Tolerance, TrainConfig, tolerance_for)
+                     DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES, FIGURE_FORMATS, FOLD_TABLE_ROWS, GUESSED_BATCH,
+                     GUESSED_IMAGE_SIDE, GUESSED_LENGTH, NETRON_PORT, SCHEDULES, Tolerance, TrainConfig, tolerance_for)
 from .errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, BnexportError, CheckFailed, exit_code_for, reported_here
 
 
