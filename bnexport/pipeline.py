@@ -261,7 +261,9 @@ def export_stage(model: torch.nn.Module, parity_inputs: tuple[torch.Tensor, ...]
                     how[name] = "torch.export"
                     written.append(name)
                 except Exception as err:  # torch.export's own errors: a graph break, an unsupported op
-                    notes.append(f"{name} not written: torch.export cannot export {label} ({first_line(err)})")
+                    skipped = " and ".join(n for n in (ARTIFACTS.exported_program, ARTIFACTS.exported_program_folded)
+                                           if n not in written)
+                    notes.append(f"{skipped} not written: torch.export cannot export {label} ({first_line(err)})")
                     break
             _advance(bar, "ONNX")
             onnx_model, how[ARTIFACTS.onnx] = _export_onnx(model, example, input_names=list(input_names),
@@ -317,13 +319,18 @@ def _export_onnx(model, example, *, input_names, output_names, dynamic_batch: bo
 
 
 def _exporter_cause(err: BaseException) -> str:
-    """The op an exporter stumbled on, where its message names one, then its first line."""
+    """The ops an exporter stumbled on, where its messages name them, then the first line of the
+    innermost cause: the dynamo exporter's own first line only says which of its steps failed."""
     import re
 
-    text = str(err)
-    ops = sorted(set(re.findall(r"\b(?:aten|prim|onnx)(?:::|\.)\w+(?:\.\w+)?", text)))
-    line = first_line(err, limit=160)
-    return f"op {', '.join(ops[:3])}: {line}" if ops else f"{type(err).__name__}: {line}"
+    chain = [err]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    text = "\n".join(str(e) for e in chain)
+    # aten::op, aten.op (overload dropped) and onnx::Op; not onnx.<module> in the exporter's own names
+    ops = sorted(set(re.findall(r"\b(?:aten|prim)(?:::|\.)\w+|\bonnx::\w+", text)))
+    line = first_line(chain[-1], limit=160)
+    return f"op {', '.join(ops[:3])}: {line}" if ops else f"{type(chain[-1]).__name__}: {line}"
 
 
 def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: Path, inputs, *,
@@ -510,6 +517,7 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
     outputs = output_tensors(output)
     output_names = [OUTPUT_NAME] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
     out = Path(out)
+    made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]  # innermost first
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     try:
@@ -551,6 +559,12 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
         _publish(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not out.exists():  # a failed run leaves no folder it made for --out either
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
     return summary, exports.parity, exports.onnx_fold
 
 
