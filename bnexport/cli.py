@@ -14,8 +14,8 @@ from pathlib import Path
 
 # Only light modules at the top: `--help`, `view` and `inspect` should not wait for torch.
 from .config import (BENCH_BATCHES, BENCH_MIN_SECONDS, DATASETS, DEFAULT_ATOL, DEFAULT_DIST_TIMEOUT_S, DEFAULT_FIGURE_FORMAT,
-                     DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES, FIGURE_FORMATS, GUESSED_BATCH, GUESSED_IMAGE_SIDE,
-                     GUESSED_LENGTH, NETRON_PORT, SCHEDULES, Tolerance, TrainConfig, tolerance_for)
+                     DEFAULT_OUT_DIR, DEFAULT_RTOL, DEFAULT_SEED, DEVICES, FIGURE_FORMATS, FOLD_TABLE_ROWS, GUESSED_BATCH,
+                     GUESSED_IMAGE_SIDE, GUESSED_LENGTH, NETRON_PORT, SCHEDULES, Tolerance, TrainConfig, tolerance_for)
 from .errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, BnexportError, CheckFailed, exit_code_for, reported_here
 
 
@@ -277,7 +277,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     """Export any model: TorchScript, torch.export and ONNX, BatchNorm kept and folded, with parity, report and figures."""
     from .data import load_figure_data
     from .model_spec import load_model, resolve_shapes
-    from .pipeline import export_model, fold_table
+    from .pipeline import export_model
 
     loaded = load_model(args.model, weights=args.weights, seed=args.seed)
     shapes = resolve_shapes(loaded, given_shapes(args.input_shape))
@@ -288,7 +288,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     summary, parity, fold = export_model(loaded, shapes, args.out, seed=args.seed, tolerance=tolerance_from_args(args),
                                    figure_data=figures, figure_format=args.format, bench=not args.no_bench,
                                    progress=not args.quiet)
-    print(fold_table(fold))
+    print(fold.table(limit=FOLD_TABLE_ROWS))
     print()
     print(parity.table())
     print()

@@ -50,6 +50,7 @@ BENCH_MIN_SECONDS = 0.5
 FIGURE_SAMPLES = 8
 SUMMARY_BENCH_RUNS = 5
 SUMMARY_BENCH_SECONDS = 0.3
+FOLD_TABLE_ROWS = 30  # past this many BatchNorms, the terminal lists the kept ones only; fold.json has every one
 
 # `view`: Netron's own default port, for the first model; the others take the next ones.
 NETRON_PORT = 8080
@@ -171,6 +172,7 @@ __all__ = [
     "DEVICES",
     "FIGURE_FORMATS",
     "FIGURE_SAMPLES",
+    "FOLD_TABLE_ROWS",
     "GUESSED_BATCH",
     "GUESSED_CHANNELS",
     "GUESSED_CLIP_FRAMES",

@@ -7,6 +7,7 @@ torch, so the command line can report any of them without loading it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 
 EXIT_OK = 0
@@ -61,10 +62,15 @@ def reported_here(err: BaseException, env: Mapping[str, str] = os.environ) -> bo
     return is_rank_zero(env) or not isinstance(err, SharedError)
 
 
+# SGR sequences: torch colours parts of some messages (torch.load, the ONNX exporter)
+_TERMINAL_COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def first_line(err: BaseException, *, limit: int = 200) -> str:
-    """An exception's first non-empty line, cut to ``limit``; its type name when it says nothing.
+    """An exception's first non-empty line, without terminal colours, cut to ``limit``; its type
+    name when it says nothing.
 
     Library errors (protobuf, ORT, torch) often span many lines; a one-line message keeps one.
     """
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    lines = [line.strip() for line in _TERMINAL_COLOURS.sub("", str(err)).splitlines() if line.strip()]
     return (lines[0] if lines else type(err).__name__)[:limit]

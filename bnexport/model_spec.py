@@ -257,7 +257,8 @@ def load_weights(module: nn.Module, path: str | Path, *, spec: str) -> None:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise BnexportError(f"{flag}: torch.load(weights_only=True) cannot read it ({first_line(err)})") from None
+        reason = _load_failure(err)
+        raise BnexportError(f"{flag}: torch.load(weights_only=True) cannot read it ({reason})") from None
     state = state_dict_in(payload)
     if state is None:
         raise BnexportError(f"{flag}: holds no state dict (a dict of tensors, or one under "
@@ -275,6 +276,15 @@ def load_weights(module: nn.Module, path: str | Path, *, spec: str) -> None:
                  if keys]
         raise BnexportError(f"{flag} does not fit {spec}: {'; '.join(parts)}")
     module.load_state_dict(state, strict=False)
+
+
+def _load_failure(err: Exception) -> str:
+    """Why torch.load refused a file: for a pickled object, the global it would not load (torch's
+    first line only says that it failed)."""
+    refused = next((line.strip() for line in str(err).splitlines() if "Unsupported global" in line), None)
+    if refused:  # what follows is how to allow it in Python, of no use at the command line
+        return first_line(RuntimeError(refused.split(". Please")[0]))
+    return f"{type(err).__name__}: {first_line(err)}"
 
 
 def _without_wrapper_prefix(state: dict, expected: Mapping) -> dict:
@@ -307,8 +317,6 @@ def resolve_shapes(loaded: LoadedModel, given: tuple[int, ...] | Mapping[str, tu
             raise BnexportError(f"--input-shape: {loaded.spec} takes {len(names)} inputs ({', '.join(names)}); "
                                 "give each as NAME=DIMS")
         return {names[0]: tuple(given)}
-    if len(given) == 1 and len(names) == 1:
-        return {names[0]: tuple(next(iter(given.values())))}
     unknown = [n for n in given if n not in names]
     if unknown:
         raise BnexportError(f"--input-shape {unknown[0]}=...: {loaded.spec} has no input {unknown[0]!r}; "

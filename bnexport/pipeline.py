@@ -22,10 +22,10 @@ from .config import (ARTIFACTS, DEFAULT_FIGURE_FORMAT, DEFAULT_TOLERANCE, INPUT_
 from .data import Dataset, load_for_config, parity_batch
 from .distributed.process_group import Replicas
 from .errors import BnexportError, first_line
-from .fold import fold_module, fold_onnx
+from .fold import FoldReport, fold_module, fold_onnx
 from .model import count_batchnorm
 from .parity.compare import ParityReport, run_parity
-from .parity.runners import (eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner,
+from .parity.runners import (eager_runner, exported_program_runner, onnxruntime_cuda_runner, onnxruntime_runner, output_tensors,
                               torchscript_runner)
 from .train.recording import TrainingRecorder, train_twin
 from .tables import format_table
@@ -199,6 +199,7 @@ class Exports:
     onnx_ops: dict[str, dict[str, int]]  # op counts of model.onnx and model.folded.onnx
     onnx_models: tuple[onnx.ModelProto, onnx.ModelProto]  # model.onnx and model.folded.onnx
     folded_module: torch.nn.Module
+    onnx_fold: FoldReport | None = None  # the ONNX fold, for the terminal's table
     parity: ParityReport | None = None
     parity_outputs: dict[str, np.ndarray] = field(default_factory=dict)
     written: list[str] = field(default_factory=list)  # artifact names, in the order they were written
@@ -285,7 +286,9 @@ def export_stage(model: torch.nn.Module, parity_inputs: tuple[torch.Tensor, ...]
                     how[name] = "torch.export"
                     written.append(name)
                 except Exception as err:  # torch.export's own errors: a graph break, an unsupported op
-                    notes.append(f"{name} not written: torch.export cannot export {label} ({first_line(err)})")
+                    skipped = " and ".join(n for n in (ARTIFACTS.exported_program, ARTIFACTS.exported_program_folded)
+                                           if n not in written)
+                    notes.append(f"{skipped} not written: torch.export cannot export {label} ({first_line(err)})")
                     break
             bar.start("ONNX")
             onnx_model, how[ARTIFACTS.onnx] = _export_onnx(model, example, input_names=list(input_names),
@@ -315,7 +318,8 @@ def export_stage(model: torch.nn.Module, parity_inputs: tuple[torch.Tensor, ...]
             write_json(out / ARTIFACTS.fold_report, reports)
             written.append(ARTIFACTS.fold_report)
         bar.start("parity")
-        exports = Exports(reports, ops, (onnx_model, folded_onnx), folded_module, written=written, notes=notes, how=how)
+        exports = Exports(reports, ops, (onnx_model, folded_onnx), folded_module, onnx_report, written=written,
+                          notes=notes, how=how)
         with _timed(seconds, "parity"):
             candidates = parity_runners(folded_module, out, written=written)
             exports.parity, exports.parity_outputs = check_exports(model, folded_module, out, parity_inputs,
@@ -344,13 +348,18 @@ def _export_onnx(model, example, *, input_names, output_names, dynamic_batch: bo
 
 
 def _exporter_cause(err: BaseException) -> str:
-    """The op an exporter stumbled on, where its message names one, then its first line."""
+    """The ops an exporter stumbled on, where its messages name them, then the first line of the
+    innermost cause: the dynamo exporter's own first line only says which of its steps failed."""
     import re
 
-    text = str(err)
-    ops = sorted(set(re.findall(r"\b(?:aten|prim|onnx)(?:::|\.)\w+(?:\.\w+)?", text)))
-    line = first_line(err, limit=160)
-    return f"op {', '.join(ops[:3])}: {line}" if ops else f"{type(err).__name__}: {line}"
+    chain = [err]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    text = "\n".join(str(e) for e in chain)
+    # aten::op, aten.op (overload dropped) and onnx::Op; not onnx.<module> in the exporter's own names
+    ops = sorted(set(re.findall(r"\b(?:aten|prim)(?:::|\.)\w+|\bonnx::\w+", text)))
+    line = first_line(chain[-1], limit=160)
+    return f"op {', '.join(ops[:3])}: {line}" if ops else f"{type(chain[-1]).__name__}: {line}"
 
 
 def parity_runners(folded_module: torch.nn.Module, out: Path, *, written: list[str] | None = None) -> dict:
@@ -395,11 +404,11 @@ def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: P
     def keeping_output(name: str, runner):  # the parity figure needs every |Δ|, not only the summary
         def run(batch):
             result = runner(batch)
-            if isinstance(result, dict):  # several outputs: one entry each, named as the parity results are
+            if isinstance(result, dict) and len(result) > 1:  # one entry per output, named as the parity results are
                 outputs.update({f"{name} [{key}]": np.asarray(value) for key, value in result.items()})
                 outputs.setdefault(name, np.asarray(next(iter(result.values()))))
             else:
-                outputs[name] = result
+                outputs[name] = np.asarray(next(iter(result.values())) if isinstance(result, dict) else result)
             return result
         return run
 
@@ -508,7 +517,7 @@ EXPORT_DESCRIPTIONS = {
 
 def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed: int | None = None,
                  tolerance: Tolerance = DEFAULT_TOLERANCE, figure_data=None, figure_format: str = DEFAULT_FIGURE_FORMAT,
-                 bench: bool = True, progress: bool = True) -> tuple[RunSummary, ParityReport, dict]:
+                 bench: bool = True, progress: bool = True) -> tuple[RunSummary, ParityReport, FoldReport]:
     """Export a user's model (a ``bnexport.model_spec.LoadedModel``) to ``out``: every file that
     ``train-and-export`` writes after training, with its report and figures.
 
@@ -516,7 +525,7 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
     rejects it ends the run before anything is written, naming the layer. The files are written in
     a staging folder beside ``out`` and moved in when all of them are there, so a run that fails
     leaves ``out`` as it was. ``figure_data`` is a ``bnexport.data.FigureData`` (default: seeded
-    synthetic input). Returns the summary, the parity report and fold.json; the caller decides the exit status.
+    synthetic input). Returns the summary, the parity report and the ONNX fold's report; the caller decides the exit status.
     """
     import shutil
     import tempfile
@@ -545,9 +554,10 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
                 except BnexportError:
                     example, dynamic_batch = parity_inputs, False
                     notes.append(f"{label} does not run at batch 2, so the exports keep the batch size fixed at {given_batch}")
-        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        outputs = output_tensors(output)
         output_names = [OUTPUT_NAME] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
         out = Path(out)
+        made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]  # innermost first
         out.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
     except BaseException:
@@ -594,31 +604,13 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
     finally:
         bar.close()
         shutil.rmtree(staging, ignore_errors=True)
-    return summary, exports.parity, exports.fold_reports
-
-
-FOLD_TABLE_ROWS = 30  # a longer fold table prints its kept BatchNorms only; fold.json has every one
-
-
-def fold_table(fold: dict, *, limit: int = FOLD_TABLE_ROWS) -> str:
-    """The ONNX fold as the terminal shows it: each BatchNorm by module path, with its ONNX node."""
-    report = fold["onnx"]
-    records = report["records"]
-    if not records:
-        return "no BatchNorm in the model: nothing to fold"
-    shown = records if len(records) <= limit else [r for r in records if r["status"] != "folded"]
-    named = any(r.get("module") for r in records)
-    header = ("batchnorm", "ONNX node", "status", "folded into / reason") if named else ("batchnorm", "status", "folded into / reason")
-    rows = [header]
-    for r in shown:
-        target = (r.get("folded_into_module") or r.get("folded_into")) if r["status"] == "folded" else r.get("reason")
-        cells = (r.get("module") or r["batchnorm"], r["batchnorm"], r["status"], target or "") if named else \
-            (r["batchnorm"], r["status"], target or "")
-        rows.append(cells)
-    total = f"{report['folded']} of {report['batchnorm_total']} BatchNorm folded in {ARTIFACTS.onnx_folded}"
-    if len(shown) < len(records):
-        total += f" ({len(records) - len(shown)} folded rows not shown; {ARTIFACTS.fold_report} lists every one)"
-    return (format_table(rows) + "\n" if len(rows) > 1 else "") + total
+        if not out.exists():  # a failed run leaves no folder it made for --out either
+            for folder in made:
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
+    return summary, exports.parity, exports.onnx_fold
 
 
 def _publish(staging: Path, out: Path) -> None:

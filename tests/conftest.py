@@ -113,6 +113,11 @@ def read_json(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
+def folder_state(folder: Path) -> dict[str, bytes | None]:
+    """Every path under ``folder`` with a file's bytes (None for a folder): what a failed run must leave as it was."""
+    return {p.relative_to(folder).as_posix(): p.read_bytes() if p.is_file() else None for p in folder.rglob("*")}
+
+
 @pytest.fixture(autouse=True)
 def _seeded():
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import onnx
 import onnxruntime as ort
 import torch
 
-Run = Callable[[np.ndarray], np.ndarray]
+Run = Callable[..., np.ndarray]  # one numpy array per input, in forward's order → the first output
 
 
 def onnx_batchnorms(model: onnx.ModelProto) -> int:
@@ -40,26 +40,29 @@ def ort_session(model: str | Path | bytes) -> ort.InferenceSession:
 
 
 def load_export(path: Path) -> tuple[int, Run]:
-    """(BatchNorm count, runner) for a .ts, .pt2 or .onnx file with one input and one output."""
+    """(BatchNorm count, runner) for a .ts, .pt2 or .onnx file with one output; ONNX inputs are fed by position."""
     if path.suffix == ".ts":
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TorchScript is deprecated upstream
             module = torch.jit.load(str(path)).eval()
-        return torchscript_batchnorms(module), lambda x: _torch_run(module, x)
+        return torchscript_batchnorms(module), lambda *xs: _torch_run(module, xs)
     if path.suffix == ".pt2":
         program = torch.export.load(str(path))
         module = program.module()
-        return program_batchnorms(program), lambda x: _torch_run(module, x)
+        return program_batchnorms(program), lambda *xs: _torch_run(module, xs)
     if path.suffix == ".onnx":
         session = ort_session(path)
-        name = session.get_inputs()[0].name
-        return onnx_batchnorms(onnx.load(str(path))), lambda x: session.run(None, {name: x})[0]
+        names = [i.name for i in session.get_inputs()]
+
+        def run(*xs: np.ndarray) -> np.ndarray:
+            return session.run(None, dict(zip(names, xs, strict=True)))[0]
+        return onnx_batchnorms(onnx.load(str(path))), run
     raise ValueError(f"no loader for {path}")
 
 
-def _torch_run(module, x: np.ndarray) -> np.ndarray:
+def _torch_run(module, xs: tuple[np.ndarray, ...]) -> np.ndarray:
     with torch.no_grad():
-        return module(torch.from_numpy(x)).numpy()
+        return module(*map(torch.from_numpy, xs)).numpy()
 
 
 def uniform_batch(shape: tuple[int, ...], seed: int) -> np.ndarray:

@@ -3,6 +3,7 @@
 import os
 import stat
 
+import onnx
 import pytest
 import torch
 
@@ -40,6 +41,16 @@ def test_summary_and_parity(tiny_run):
         assert r["top1_agreement"] == 1.0
     # unfolded TorchScript and torch.export run the very same kernels as eager
     assert parity["results"][1]["max_abs"] == 0.0
+
+
+def test_fold_json_names_each_batchnorm_by_module_and_node(tiny_run):
+    fold = read_json(tiny_run / "fold.json")
+    nodes = {node.op_type: node.name for node in onnx.load(str(tiny_run / "model.onnx")).graph.node}
+    folded = {"status": "folded", "reason": None, "position": "after", "reason_code": None}
+    assert fold["torch"]["records"] == [{"batchnorm": "bn1", "folded_into": "conv1", "module": "bn1",
+                                         "folded_into_module": "conv1", **folded}]
+    assert fold["onnx"]["records"] == [{"batchnorm": nodes["BatchNormalization"], "folded_into": nodes["Conv"],
+                                        "module": "bn1", "folded_into_module": "conv1", **folded}]
 
 
 def test_history_and_manifest(tiny_run):

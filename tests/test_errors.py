@@ -5,6 +5,7 @@ def test_first_line_keeps_one_line_and_names_silent_errors():
     assert first_line(RuntimeError("\n  first problem  \nsecond line\n")) == "first problem"
     assert first_line(ValueError("")) == "ValueError"
     assert first_line(OSError("x" * 500), limit=10) == "x" * 10
+    assert first_line(RuntimeError("step \x1b[96m3/3\x1b[0m failed")) == "step 3/3 failed"
 
 
 def test_each_error_class_has_the_exit_status_the_cli_documents():

@@ -2,6 +2,8 @@
 of the run's checkpoint (see exported.py for the loaders)."""
 
 import functools
+import os
+import warnings
 
 import numpy as np
 import onnx
@@ -10,7 +12,8 @@ import torch
 from torch import nn
 
 from bnexport.config import INPUT_NAME, OUTPUT_NAME
-from bnexport.export.writers import to_onnx
+from bnexport.export.writers import STACK_TRACE, to_onnx
+from bnexport.fold.onnx_names import NAME_SCOPES
 from bnexport.train.loop import load_checkpoint, model_from_checkpoint
 from exported import load_export, max_error_in_scale, onnx_batchnorms, ort_session, uniform_batch
 
@@ -88,3 +91,22 @@ def test_onnx_export_keeps_every_batchnorm():
     got = session.run(None, {session.get_inputs()[0].name: x})[0]
     assert max_error_in_scale(expected, got) <= ROUNDING
     assert np.isfinite(got).all()
+
+
+def test_onnx_export_drops_stack_traces_and_keeps_module_scopes():
+    """The dynamo exporter stores each node's Python stack, which holds the absolute source paths of
+    the machine that exported; ``to_onnx`` drops it and keeps the scopes that name each module."""
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)).eval()
+    example = torch.zeros(1, 1, 6, 6)
+    torch_sources = os.path.dirname(torch.__file__).encode()
+
+    def keys(exported: onnx.ModelProto) -> set[str]:
+        return {prop.key for node in exported.graph.node for prop in node.metadata_props}
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        raw = torch.onnx.export(model, (example,), dynamo=True, optimize=False, verbose=False).model_proto
+    assert STACK_TRACE in keys(raw) and torch_sources in raw.SerializeToString()  # what there is to drop
+    exported = to_onnx(model, example)
+    assert STACK_TRACE not in keys(exported) and NAME_SCOPES in keys(exported)
+    assert torch_sources not in exported.SerializeToString()

@@ -3,6 +3,7 @@
 import shutil
 from html.parser import HTMLParser
 
+import onnx
 import pytest
 
 from bnexport.config import ARTIFACTS
@@ -65,8 +66,10 @@ def test_train_and_export_writes_figures_and_report(tiny_run):
     assert len(report.tables["parity"]) == 1 + len(parity["results"])
     assert [row[0] for row in report.tables["parity"][1:]] == [r["name"] for r in parity["results"]]
     assert all(row[-1] == "ok" for row in report.tables["parity"][1:])
-    assert report.tables["folding"][1:] == [["torch", "bn1", "folded", "conv1"],
-                                            ["onnx", report.tables["folding"][2][1], "folded", "node_conv2d"]]
+    bn_node = next(n.name for n in onnx.load(str(tiny_run / "model.onnx")).graph.node if n.op_type == "BatchNormalization")
+    assert report.tables["folding"] == [["graph", "BatchNorm", "ONNX node", "status", "folded into / reason kept"],
+                                        ["torch", "bn1", "", "folded", "conv1"],
+                                        ["onnx", "bn1", bn_node, "folded", "conv1"]]
     [header, health] = report.tables["health"]
     assert health[:3] == ["bn1", "16", "conv1"] and health[-1] == "healthy"
     effect = report.tables["effect"]

@@ -13,6 +13,7 @@ import onnx
 
 from ..errors import BnexportError
 from ..fold.onnx_graph import GraphIndex, node_label
+from ..fold.onnx_names import ModuleNamer
 from ..fold.onnx_patterns import fold_graph
 from ..tables import format_table
 
@@ -31,6 +32,7 @@ class BatchNormInfo:
     output_to: list[str]  # the nodes that read its output
     foldable: bool
     detail: str  # the layer it folds into, or why it stays
+    module: str | None = None  # the torch module it was exported from, where the exporter recorded it
 
 
 @dataclass
@@ -60,8 +62,11 @@ class OnnxInfo:
         rows = [("op", "count")] + sorted(self.op_counts.items(), key=lambda kv: (-kv[1], kv[0]))
         lines += [format_table(rows), ""]
         if self.batchnorms:
-            rows = [("BatchNormalization", "input from", "output to", "foldable", "into / why not")]
-            rows += [(b.name, b.input_from, ", ".join(b.output_to) or "graph output", "yes" if b.foldable else "no", b.detail)
+            modules = any(b.module for b in self.batchnorms)
+            rows = [("BatchNormalization",) + (("module",) if modules else ()) +
+                    ("input from", "output to", "foldable", "into / why not")]
+            rows += [(b.name,) + ((b.module or "",) if modules else ()) +
+                     (b.input_from, ", ".join(b.output_to) or "graph output", "yes" if b.foldable else "no", b.detail)
                      for b in self.batchnorms]
             folded = sum(b.foldable for b in self.batchnorms)
             lines += [format_table(rows), f"{folded} of {len(self.batchnorms)} BatchNormalization foldable"]
@@ -109,9 +114,12 @@ def _batchnorms(model: onnx.ModelProto) -> list[BatchNormInfo]:
         _, report = fold_graph(model)
         decisions = {r.batchnorm: (r.status == "folded", f"{r.folded_into} (BN {r.position} it)" if r.status == "folded" else r.reason)
                      for r in report.records}
+        modules = {r.batchnorm: r.module for r in report.records}
     except BnexportError as err:  # invalid statistics: report the cause on every BN rather than fail the listing
         decisions = {}
+        modules = {}
         problem = str(err)
+    names = ModuleNamer(model.graph)
     result = []
     for node in model.graph.node:
         if node.op_type != "BatchNormalization":
@@ -126,9 +134,10 @@ def _batchnorms(model: onnx.ModelProto) -> list[BatchNormInfo]:
             output_to=[f"{r.op_type} {node_label(r)}" for r in readers],
             foldable=foldable,
             detail=detail or "",
+            module=names.path(node),
         ))
     # BNs in If/Loop/Scan bodies and model-local functions: the fold reports them, the main graph does not hold them
     for label, (foldable, detail) in decisions.items():
         result.append(BatchNormInfo(name=label, input_from="(subgraph or function)", output_to=[],
-                                    foldable=foldable, detail=detail or ""))
+                                    foldable=foldable, detail=detail or "", module=modules.get(label)))
     return result

@@ -12,9 +12,11 @@ torch is imported by the torch writers only: saving an ONNX file does not load i
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import os
 import shutil
+import sys
 import tempfile
 import warnings
 from pathlib import Path
@@ -31,6 +33,9 @@ if TYPE_CHECKING:  # annotations only: torch is imported where it runs
 
 # dynamo=True is the maintained exporter; optimize=False keeps BatchNormalization nodes.
 ONNX_EXPORT_OPTIONS = {"dynamo": True, "optimize": False, "external_data": False}
+# The dynamo exporter's per-node Python stack, which holds absolute source paths of the machine that
+# exported; ``to_onnx`` drops it. The other metadata stays: ``fold.onnx_names`` reads module paths from it.
+STACK_TRACE = "pkg.torch.onnx.stack_trace"
 
 
 def _as_tuple(example) -> tuple:
@@ -113,6 +118,7 @@ def to_onnx(module: torch.nn.Module, example, *, opset: int = DEFAULT_OPSET, inp
         )
     model = program.model_proto
     _rename_dynamic_batch(model)
+    drop_stack_traces(model)
     return model
 
 
@@ -128,7 +134,7 @@ def to_onnx_by_torchscript(module: torch.nn.Module, example, *, opset: int = DEF
     example = _as_tuple(example)
     names = input_names if input_names is not None or len(example) > 1 else [INPUT_NAME]
     buffer = io.BytesIO()
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _native_stdout_discarded():
         warnings.simplefilter("ignore")
         torch.onnx.export(module.eval(), example, buffer, dynamo=False, do_constant_folding=False,
                           input_names=names, output_names=output_names, opset_version=opset,
@@ -136,6 +142,39 @@ def to_onnx_by_torchscript(module: torch.nn.Module, example, *, opset: int = DEF
     model = onnx.load_from_string(buffer.getvalue())
     _rename_dynamic_batch(model)
     return model
+
+
+def drop_stack_traces(model: onnx.ModelProto) -> None:
+    """Remove the ``pkg.torch.onnx.stack_trace`` metadata of every node: main graph, subgraphs, functions."""
+    def clean(nodes) -> None:
+        for node in nodes:
+            for position in reversed(range(len(node.metadata_props))):
+                if node.metadata_props[position].key == STACK_TRACE:
+                    del node.metadata_props[position]
+            for attribute in node.attribute:
+                for graph in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                    clean(graph.node)
+
+    clean(model.graph.node)
+    for function in model.functions:
+        clean(function.node)
+
+
+@contextlib.contextmanager
+def _native_stdout_discarded():
+    """File descriptor 1 to /dev/null for the duration. The TorchScript exporter turns torch's ONNX
+    log on whatever ``verbose`` says (its ``setup_onnx_logging`` tests a function, not its result,
+    for truth), and that log prints the whole TorchScript graph from C++ to stdout when an op has
+    no ONNX form: dozens of lines before the command's one-line error."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 1)
+        yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def _rename_dynamic_batch(model: onnx.ModelProto) -> None:

@@ -43,6 +43,17 @@ class FoldRecord:
     reason: str | None = None
     position: str | None = None  # "after" the layer it was folded into (layer → BN), or "before" it (BN → layer)
     reason_code: str | None = None  # a key of REASON_CODES when kept
+    # torch module paths (``layer1.0.bn1``, ``layer1.0.conv1``) where known, None otherwise. On the torch
+    # side they repeat the two names above; on the ONNX side those are graph nodes, and these the modules
+    # the exporter made them from (``onnx_names``), so an F.batch_norm call there is named after the module
+    # whose forward calls it, or None at the top level, while the torch side has no module for it
+    module: str | None = None  # the BN's module
+    folded_into_module: str | None = None  # the module of the layer it was folded into
+
+    @property
+    def name(self) -> str:
+        """What a reader calls this BN: its module path, else its node or call."""
+        return self.module or self.batchnorm
 
 
 @dataclass
@@ -61,6 +72,11 @@ class FoldReport:
     def kept(self) -> list[FoldRecord]:
         return [r for r in self.records if r.status == KEPT]
 
+    @property
+    def shows_nodes(self) -> bool:
+        """Whether node names say something the module paths do not: an ONNX fold of an exported model."""
+        return any(r.module is not None and r.module != r.batchnorm for r in self.records)
+
     def to_json(self) -> dict:
         return {
             "source": self.source,
@@ -73,17 +89,28 @@ class FoldReport:
             "notes": self.notes,
         }
 
-    def table(self) -> str:
-        rows = [("batchnorm", "status", "folded into / reason")]
-        rows += [(r.batchnorm, r.status, _decision(r)) for r in self.records]
+    def table(self, *, limit: int | None = None) -> str:
+        """One row per BN; an "ONNX node" column beside the module path when some BN has both.
+        With more than ``limit`` BNs, only the kept ones get a row (fold.json lists every one)."""
         if not self.records:
             return "no BatchNorm in the model: nothing to fold"
+        shown = self.records if limit is None or len(self.records) <= limit else self.kept
+        if self.shows_nodes:
+            rows = [("batchnorm", "ONNX node", "status", "folded into / reason")]
+            rows += [(r.name, r.batchnorm, r.status, _decision(r)) for r in shown]
+        else:
+            rows = [("batchnorm", "status", "folded into / reason")]
+            rows += [(r.name, r.status, _decision(r)) for r in shown]
+        total = f"{len(self.folded)} of {len(self.records)} BatchNorm folded"
+        if len(shown) < len(self.records):
+            total += f" ({len(self.records) - len(shown)} folded not listed here; fold.json has every one)"
         notes = "".join(f"\nnote: {note}" for note in self.notes)
-        return format_table(rows) + f"\n{len(self.folded)} of {len(self.records)} BatchNorm folded" + notes
+        return (format_table(rows) + "\n" if shown else "") + total + notes
 
 
 def _decision(record: FoldRecord) -> str:
     if record.status != FOLDED:
         return record.reason or ""
-    return f"{record.folded_into} (BN {record.position} it)" if record.position else str(record.folded_into)
+    into = record.folded_into_module or record.folded_into
+    return f"{into} (BN {record.position} it)" if record.position else str(into)
 

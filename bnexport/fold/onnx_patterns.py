@@ -41,6 +41,7 @@ from .maths import (bn_scale_shift, fold_into_input_channels, fold_into_output_c
 from .onnx_graph import (CONSTANT_OPS, ONNX_DOMAINS, GraphIndex, all_names, attribute, copy_without_initializers,
                          defined_names, graph_reads, implicit_inputs, node_label, opset_version, set_attribute, subgraphs)
 from .fold_report import FOLDED, KEPT, FoldRecord, FoldReport
+from .onnx_names import ModuleNamer
 
 ABSORBED_PREFIX = "bnexport: absorbed BatchNormalization"
 
@@ -155,6 +156,7 @@ class GraphFolder:
         # id → node; holding the node keeps its protobuf wrapper, and so its id, alive until finish()
         self.removed: dict[int, onnx.NodeProto] = {}
         self.used_before = graph_reads(self.graph)
+        self.names = ModuleNamer(self.graph)  # the torch module paths of the report, where the exporter recorded them
         self.known_before = defined_names(self.graph) | set(self.index.initializers)
 
     @property
@@ -500,20 +502,24 @@ class GraphFolder:
             raise BnexportError(f"BatchNormalization '{label}': cannot be folded ({first_line(err)})") from None
 
     def _fold_one(self, bn: onnx.NodeProto, label: str) -> FoldRecord:
+        module = self.names.path(bn)
         if len(bn.input) < 5 or not bn.input[0]:
-            return FoldRecord(label, KEPT, reason="it has fewer than five inputs", reason_code="shape_mismatch")
+            return FoldRecord(label, KEPT, reason="it has fewer than five inputs", reason_code="shape_mismatch",
+                              module=module)
         parameters = bn_parameters(self.index, bn, opset=self.context.opset)
         if isinstance(parameters, Kept):
-            return FoldRecord(label, KEPT, reason=parameters.reason, reason_code=parameters.code)
+            return FoldRecord(label, KEPT, reason=parameters.reason, reason_code=parameters.code, module=module)
         scale, shift = parameters
         after = self.fold_after(bn, scale, shift)
         if not isinstance(after, Kept):
-            return FoldRecord(label, FOLDED, folded_into=node_label(after), position="after")
+            return FoldRecord(label, FOLDED, folded_into=node_label(after), position="after", module=module,
+                              folded_into_module=self.names.path(after))
         before = self.fold_before(bn, scale, shift)
         if not isinstance(before, Kept):
-            return FoldRecord(label, FOLDED, folded_into=node_label(before), position="before")
+            return FoldRecord(label, FOLDED, folded_into=node_label(before), position="before", module=module,
+                              folded_into_module=self.names.path(before))
         kept = _combine(after, before)
-        return FoldRecord(label, KEPT, reason=kept.reason, reason_code=kept.code)
+        return FoldRecord(label, KEPT, reason=kept.reason, reason_code=kept.code, module=module)
 
     def finish(self, source_initializers=()) -> None:
         """Drop the folded BNs and what only they and their layers read; copy the main graph's
@@ -608,18 +614,19 @@ def _has_batchnorm(graph: onnx.GraphProto) -> bool:
 def _function_records(model: onnx.ModelProto) -> list[FoldRecord]:
     records = []
 
-    def visit(nodes, function: onnx.FunctionProto) -> None:
-        for node in nodes:
+    def visit(graph, function: onnx.FunctionProto) -> None:
+        names = ModuleNamer(graph)
+        for node in graph.node:
             if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
                 records.append(FoldRecord(
                     node_label(node), KEPT, reason_code="in_function",
                     reason=f"it sits inside the model-local function '{function.domain}.{function.name}', "
-                           "which this fold does not rewrite"))
+                           "which this fold does not rewrite", module=names.path(node)))
             for sub in subgraphs(node):
-                visit(sub.node, function)
+                visit(sub, function)
 
     for function in model.functions:
-        visit(function.node, function)
+        visit(function, function)
     return records
 
 

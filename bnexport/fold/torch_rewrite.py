@@ -51,14 +51,18 @@ def rewrite_module(module: nn.Module, *, example: tuple[tuple, dict] | None = No
             if site is not None:
                 if site.module is not None:
                     seen.add(id(site.module))
-                report.records.append(folder.decide(site))
+                record = folder.decide(site)
+                # a BN module's label is its path; an F.batch_norm call has no module of its own
+                record.module = site.label if site.module is not None else None
+                record.folded_into_module = record.folded_into
+                report.records.append(record)
     for path, sub in module.named_modules():
         caller = analysis.untraced_caller(path)
         if is_batchnorm(sub) and id(sub) not in seen and caller is not None:
             parent = module.get_submodule(caller)
             report.records.append(FoldRecord(path, KEPT, reason_code="untraceable", reason=(
                 f"it is called by {module_label(parent, caller)}, whose forward torch.fx cannot trace "
-                f"({analysis.untraced[caller]}), so what feeds it is unknown")))
+                f"({analysis.untraced[caller]}), so what feeds it is unknown"), module=path))
     return apply_plan(module, folder.plan, analysis.tensor_slots), report, folder.plan.equivalent
 
 

@@ -31,11 +31,20 @@ def eager_runner(module) -> Runner:
         values = list(inputs.values()) if isinstance(inputs, dict) else [inputs]
         with torch.no_grad():
             result = module(*(torch.from_numpy(np.ascontiguousarray(v)) for v in values))
-        if isinstance(result, (tuple, list)):
-            return {f"output {i}": r.numpy() for i, r in enumerate(result)}
-        return result.numpy()
+        if isinstance(result, torch.Tensor):
+            return result.numpy()
+        leaves = output_tensors(result)  # a tuple, a list, a dict or a nest of them: in the exporters' order
+        return leaves[0].numpy() if len(leaves) == 1 else {f"output {i}": r.numpy() for i, r in enumerate(leaves)}
 
     return run
+
+
+def output_tensors(result) -> list:
+    """Every tensor a forward returns, flattened as torch.export and the ONNX exporters flatten it."""
+    import torch
+    from torch.utils import _pytree
+
+    return [leaf for leaf in _pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
 
 
 def torchscript_runner(path: str | Path) -> Runner:
@@ -205,9 +214,19 @@ def onnxruntime_cuda_runner(path: str | Path, *, optimize: bool = False) -> Runn
         except BnexportError:  # missing CUDA libraries or an unknown option: try the next, then give up
             continue
         if session.get_providers()[0] == "CUDAExecutionProvider":
-            input_name = session.get_inputs()[0].name
-            return lambda inputs: session.run(None, {input_name: inputs})[0]
+            return _cuda_run(session, _where(path))
     return None
+
+
+def _cuda_run(session, where: str) -> Runner:
+    inputs, names = session.get_inputs(), [o.name for o in session.get_outputs()]
+
+    def run(given):
+        if isinstance(given, dict):
+            return dict(zip(names, session.run(None, _match_feeds(where, inputs, given))))
+        return session.run(None, {inputs[0].name: given})[0]
+
+    return run
 
 
 def runner_for(source: str | Path | Source, *, optimize: bool = False) -> Runner:

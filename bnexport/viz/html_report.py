@@ -144,10 +144,12 @@ def render_report(*, figures, health, effects, config: dict, dataset: dict, hist
     rows = []
     for source in ("torch", "onnx"):
         for record in fold.get(source, {}).get("records", []):
-            rows.append((source, record["batchnorm"], _verdict(record["status"] == "folded", "folded", "kept"),
-                         record.get("folded_into") or record.get("reason") or ""))
+            # fold.json files written before module paths were recorded show the node names, as they did
+            rows.append((source, record.get("module") or record["batchnorm"], record["batchnorm"] if source == "onnx" else "",
+                         _verdict(record["status"] == "folded", "folded", "kept"),
+                         record.get("folded_into_module") or record.get("folded_into") or record.get("reason") or ""))
     if rows:
-        parts.append(_table(("graph", "BatchNorm", "status", "folded into / reason kept"), rows, css="folding"))
+        parts.append(_table(("graph", "BatchNorm", "ONNX node", "status", "folded into / reason kept"), rows, css="folding"))
     else:
         parts.append("<p>No BatchNorm layers: nothing to fold.</p>")
 

@@ -174,6 +174,7 @@ def test_inspect_table_and_json(tiny_run, capsys):
     assert info["parameters"] == 16 * 9 + 16 + 16 * 4 + 16 * 14 * 14 * 10 + 10  # conv, BN's 4, fc
     (bn,) = info["batchnorms"]
     assert bn["input_from"].startswith("Conv ") and bn["output_to"][0].startswith("Relu ") and bn["foldable"]
+    assert bn["module"] == "bn1"  # SimpleCNN's BatchNorm, as the exporter recorded it
 
 
 def test_parity_exit_codes(tiny_run, tmp_path):
