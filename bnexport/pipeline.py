@@ -263,9 +263,9 @@ def export_stage(model: torch.nn.Module, parity_inputs: tuple[torch.Tensor, ...]
                     notes.append(f"{name} not written: torch.export cannot export {label} ({first_line(err)})")
                     break
             _advance(bar, "ONNX")
-            onnx_model, how[ARTIFACTS.onnx] = _export_onnx(model, example, input_names=list(input_names),
-                                                             output_names=output_names, dynamic_batch=dynamic_batch,
-                                                             label=label)
+            onnx_model, how[ARTIFACTS.onnx] = exporters.to_onnx_with_fallback(
+                model, example, input_names=list(input_names), output_names=output_names, dynamic_batch=dynamic_batch,
+                label=label)
             if how[ARTIFACTS.onnx] != "dynamo":
                 notes.append(f"{ARTIFACTS.onnx}: the dynamo exporter failed, so the TorchScript exporter wrote it")
             _advance(bar, "fold ONNX")
@@ -298,30 +298,6 @@ def export_stage(model: torch.nn.Module, parity_inputs: tuple[torch.Tensor, ...]
     finally:
         bar.close()
     return exports
-
-
-def _export_onnx(model, example, *, input_names, output_names, dynamic_batch: bool, label: str):
-    """model.onnx by the dynamo exporter, else by the TorchScript one; one line naming both when neither can."""
-    try:
-        return exporters.to_onnx(model, example, input_names=input_names, output_names=output_names,
-                                 dynamic_batch=dynamic_batch), "dynamo"
-    except Exception as dynamo_error:
-        try:
-            return exporters.to_onnx_by_torchscript(model, example, input_names=input_names, output_names=output_names,
-                                                    dynamic_batch=dynamic_batch), "torchscript"
-        except Exception as torchscript_error:
-            raise BnexportError(f"{label}: no exporter can write ONNX: dynamo exporter: {_exporter_cause(dynamo_error)}; "
-                                f"TorchScript exporter: {_exporter_cause(torchscript_error)}") from None
-
-
-def _exporter_cause(err: BaseException) -> str:
-    """The op an exporter stumbled on, where its message names one, then its first line."""
-    import re
-
-    text = str(err)
-    ops = sorted(set(re.findall(r"\b(?:aten|prim|onnx)(?:::|\.)\w+(?:\.\w+)?", text)))
-    line = first_line(err, limit=160)
-    return f"op {', '.join(ops[:3])}: {line}" if ops else f"{type(err).__name__}: {line}"
 
 
 def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: Path, inputs, *,
