@@ -266,9 +266,9 @@ def export_stage(model: torch.nn.Module, parity_inputs: tuple[torch.Tensor, ...]
                     notes.append(f"{skipped} not written: torch.export cannot export {label} ({first_line(err)})")
                     break
             _advance(bar, "ONNX")
-            onnx_model, how[ARTIFACTS.onnx] = _export_onnx(model, example, input_names=list(input_names),
-                                                             output_names=output_names, dynamic_batch=dynamic_batch,
-                                                             label=label)
+            onnx_model, how[ARTIFACTS.onnx] = exporters.to_onnx_with_fallback(
+                model, example, input_names=list(input_names), output_names=output_names, dynamic_batch=dynamic_batch,
+                label=label)
             if how[ARTIFACTS.onnx] != "dynamo":
                 notes.append(f"{ARTIFACTS.onnx}: the dynamo exporter failed, so the TorchScript exporter wrote it")
             _advance(bar, "fold ONNX")
@@ -302,35 +302,6 @@ def export_stage(model: torch.nn.Module, parity_inputs: tuple[torch.Tensor, ...]
     finally:
         bar.close()
     return exports
-
-
-def _export_onnx(model, example, *, input_names, output_names, dynamic_batch: bool, label: str):
-    """model.onnx by the dynamo exporter, else by the TorchScript one; one line naming both when neither can."""
-    try:
-        return exporters.to_onnx(model, example, input_names=input_names, output_names=output_names,
-                                 dynamic_batch=dynamic_batch), "dynamo"
-    except Exception as dynamo_error:
-        try:
-            return exporters.to_onnx_by_torchscript(model, example, input_names=input_names, output_names=output_names,
-                                                    dynamic_batch=dynamic_batch), "torchscript"
-        except Exception as torchscript_error:
-            raise BnexportError(f"{label}: no exporter can write ONNX: dynamo exporter: {_exporter_cause(dynamo_error)}; "
-                                f"TorchScript exporter: {_exporter_cause(torchscript_error)}") from None
-
-
-def _exporter_cause(err: BaseException) -> str:
-    """The ops an exporter stumbled on, where its messages name them, then the first line of the
-    innermost cause: the dynamo exporter's own first line only says which of its steps failed."""
-    import re
-
-    chain = [err]
-    while chain[-1].__cause__ is not None and len(chain) < 10:
-        chain.append(chain[-1].__cause__)
-    text = "\n".join(str(e) for e in chain)
-    # aten::op, aten.op (overload dropped) and onnx::Op; not onnx.<module> in the exporter's own names
-    ops = sorted(set(re.findall(r"\b(?:aten|prim)(?:::|\.)\w+|\bonnx::\w+", text)))
-    line = first_line(chain[-1], limit=160)
-    return f"op {', '.join(ops[:3])}: {line}" if ops else f"{type(chain[-1]).__name__}: {line}"
 
 
 def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: Path, inputs, *,
