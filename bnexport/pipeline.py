@@ -396,7 +396,7 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
     # What the run holds, as visualize would read it back from the files written above. The
     # report shows the summary as it stands before this stage; summary.json, written once
     # after it, adds the stage's own seconds.
-    held = VisualizeInputs(
+    held = VisualizeInputs.from_training(
         model=model, config=config, dataset=dataset, history=state.history, parity=parity.to_json(),
         parity_outputs=outputs, fold=exports.fold_reports, onnx_models=exports.onnx_models, runs=runs,
         bn_stats=recorder.bn_stats(state.history) if recorder.stats.layers else None, summary=summary.to_json(),
