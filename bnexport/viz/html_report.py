@@ -100,11 +100,18 @@ def _bytes(size: int) -> str:
 def folding_gains(bench: dict | None) -> list[str]:
     """One line per runtime and batch size that bench timed both unfolded and folded: what the fold bought.
 
-    Reads ``BenchReport.to_json()`` (runner names with "unfolded" and "folded" in them); anything
-    else gives no lines, so the report never guesses."""
+    Reads ``BenchReport.to_json()`` (runner names with "unfolded" and "folded" in them) and
+    ``bench.time_kept_against_folded``'s result (``export``'s summary); anything else gives no
+    lines, so the report never guesses."""
+    lines = []
+    for runtime, timing in ((bench or {}).get("runtimes") or {}).items():
+        before, after = (timing or {}).get("kept_ms"), (timing or {}).get("folded_ms")
+        if isinstance(before, (int, float)) and isinstance(after, (int, float)) and after > 0:
+            lines.append(f"{runtime}: {before:.3g} ms → {after:.3g} ms per call on the parity input "
+                         f"({before / after:.2f}× {'faster' if before >= after else 'as fast'}, median of "
+                         f"{timing.get('runs', '?')} calls each)")
     timings = (bench or {}).get("timings") or []
     found = {(t.get("name"), t.get("batch")): t for t in timings if isinstance(t, dict)}
-    lines = []
     for (name, batch), unfolded in found.items():
         if not isinstance(name, str) or "unfolded" not in name:
             continue
