@@ -10,7 +10,7 @@ figures (``load_figure_data``), or every one for ``recalibrate`` (``load_samples
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -204,6 +204,7 @@ class FigureData:
     inputs: tuple[torch.Tensor, ...]  # one tensor per positional input of the model
     description: str
     synthetic: bool
+    source: dict = field(default_factory=dict)  # load_figure_data's arguments: what reads the same samples again
 
 
 @dataclass
@@ -230,16 +231,21 @@ def load_figure_data(shapes: dict[str, tuple[int, ...]], *, data: str | Path | N
     """
     if data is not None and dataset is not None:
         raise BnexportError("--data and --dataset: give one or the other")
+    source = {"data": None if data is None else str(data), "dataset": dataset, "seed": seed, "size": size,
+              "data_root": str(data_root)}
     if data is None and dataset is None:
         from .model_spec import seeded_tensors
 
         inputs = seeded_tensors(shapes, seed=seed, batch=size)
         dims = ", ".join("×".join(map(str, (size, *s[1:]))) for s in shapes.values())
-        return FigureData(inputs, f"seeded synthetic input ({dims}, standard normal, seed {seed})", synthetic=True)
+        return FigureData(inputs, f"seeded synthetic input ({dims}, standard normal, seed {seed})", synthetic=True,
+                          source=source)
     if dataset is not None:
-        return _dataset_figure_data(shapes, dataset, seed=seed, size=size, data_root=data_root, download=download)
+        figures = _dataset_figure_data(shapes, dataset, seed=seed, size=size, data_root=data_root, download=download)
+        figures.source = source
+        return figures
     inputs, description = _read_data(shapes, _data_path(data), pick=lambda count: _seeded_pick(count, size, seed).numpy())
-    return FigureData(inputs, description, synthetic=False)
+    return FigureData(inputs, description, synthetic=False, source=source)
 
 
 def load_samples(shapes: dict[str, tuple[int, ...]], data: str | Path, *, limit: int | None = None) -> Samples:

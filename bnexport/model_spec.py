@@ -57,11 +57,14 @@ class LoadedModel:
 
     def describe(self) -> dict:
         """summary.json's ``model``: enough to rebuild it with ``load_model``."""
+        from .artifacts import sha256_file
+
         cls = type(self.module)
         return {
             "spec": self.spec,
             "class": f"{cls.__module__}.{cls.__qualname__}",
             "weights": self.weights,
+            "weights_sha256": sha256_file(self.weights) if self.weights else None,
             "random_weights": self.random_weights,
             "seed": self.seed,
             "parameters": sum(p.numel() for p in self.module.parameters()),

@@ -68,6 +68,7 @@ class RunSummary:
     file_sizes: dict[str, int] = field(default_factory=dict)
     bench: dict | None = None  # export: BatchNorm kept against folded, per runtime (bench.time_kept_against_folded)
     figure_data: str | None = None  # export: what the figures were drawn from
+    figure_source: dict | None = None  # export: what reads the same figure samples again (visualize)
     notes: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
@@ -77,7 +78,8 @@ class RunSummary:
         trained = {} if self.model is not None else {
             "dataset": self.dataset, "config": self.config, "epochs": self.epochs, "test_accuracy": self.test_accuracy}
         exported = {} if self.model is None else {
-            "model": self.model, "inputs": self.inputs, "figure_data": self.figure_data, "bench": self.bench}
+            "model": self.model, "inputs": self.inputs, "figure_data": self.figure_data,
+            "figure_source": self.figure_source, "bench": self.bench}
         extra = {} if self.replicas is None else {"replicas": self.replicas}
         return {
             **trained,
@@ -559,7 +561,7 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
         bar.start("figures")
         with _timed(seconds, "visualize"):
             figures = figure_data or load_figure_data(shapes, seed=seed)
-            summary.figure_data = figures.description
+            summary.figure_data, summary.figure_source = figures.description, figures.source
             from .viz.visualize import VisualizeInputs, visualize
 
             held = VisualizeInputs(

@@ -199,7 +199,7 @@ def render_report(*, figures, health, detail: dict[str, str], effects, parity: d
     rows: list[tuple[str, object]] = []
     rows.append(("model", described.get("class") or model_class))
     rows.append(("parameters", f"{described.get('parameters', parameters):,}"))
-    inputs = described.get("inputs") or {i.get("name", "input"): i.get("shape") for i in parity.get("inputs", [])}
+    inputs = summary.get("inputs") or {i.get("name", "input"): i.get("shape") for i in parity.get("inputs", [])}
     if inputs:
         rows.append(("inputs", ", ".join(f"{k} {'×'.join(map(str, v)) if isinstance(v, list) else v}"
                                          for k, v in inputs.items())))

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..artifacts import prepare_out_dir, read_json
-from ..config import ARTIFACTS, DEFAULT_FIGURE_FORMAT, FIGURE_FORMATS, TrainConfig
+from ..config import ARTIFACTS, DEFAULT_FIGURE_FORMAT, DEFAULT_SEED, FIGURE_FORMATS, FIGURE_SAMPLES, TrainConfig
 from ..data import Dataset, parity_batch
 from ..errors import BnexportError
 from ..fold import load_onnx
@@ -137,10 +137,9 @@ def read_inputs(out: str | Path, *, checkpoint: str | Path | None = None) -> Vis
     model rebuilt from its summary.json, and ``read_results`` reads the files both runs share.
     """
     out = Path(out)
-    hint = f"run `bnexport train-and-export --out {out}` first"
+    hint = f"run `bnexport train-and-export --out {out}` or `bnexport export MODEL --out {out}` first"
     if checkpoint is None and not (out / ARTIFACTS.checkpoint).is_file() and _written_by_export(out):
-        raise BnexportError(f"{out}: written by `bnexport export`, which keeps no {ARTIFACTS.checkpoint}; "
-                            "visualize reads train-and-export runs only")
+        return read_export_inputs(out)
     checkpoint = _require(Path(checkpoint) if checkpoint else out / ARTIFACTS.checkpoint, hint)
     results = read_results(out, hint=hint)
     run = reopen_checkpoint(checkpoint)
@@ -151,6 +150,34 @@ def read_inputs(out: str | Path, *, checkpoint: str | Path | None = None) -> Vis
         runs=training_runs(out, history, run.config), bn_stats=BNStats.from_json(stats_json) if stats_json else None,
         **results,
     )
+
+
+def read_export_inputs(out: str | Path) -> VisualizeInputs:
+    """What ``visualize`` draws for an `export` run: its model rebuilt from the spec, weights and seed
+    in summary.json (refused when the weights file is no longer the one exported), and the same
+    figure samples read again."""
+    from ..artifacts import sha256_file
+    from ..data import load_figure_data
+    from ..model_spec import load_model
+
+    out = Path(out)
+    summary = read_json(out / ARTIFACTS.summary)
+    described, inputs = summary.get("model") or {}, summary.get("inputs") or {}
+    if not described.get("spec") or not inputs:
+        raise BnexportError(f"{out / ARTIFACTS.summary}: no model spec or inputs; it is not from `bnexport export`")
+    weights = described.get("weights")
+    if weights and described.get("weights_sha256") and Path(weights).is_file() \
+            and sha256_file(weights) != described["weights_sha256"]:
+        raise BnexportError(f"{weights}: changed since `bnexport export` wrote {out}; export again")
+    loaded = load_model(described["spec"], weights=weights, seed=described.get("seed", DEFAULT_SEED))
+    shapes = {name: tuple(shape) for name, shape in inputs.items()}
+    source = summary.get("figure_source") or {}
+    figures = load_figure_data(shapes, data=source.get("data"), dataset=source.get("dataset"),
+                               seed=source.get("seed", loaded.seed), size=source.get("size", FIGURE_SAMPLES),
+                               data_root=source.get("data_root", "data"))
+    results = read_results(out, hint=f"run `bnexport export {described['spec']} --out {out}` again")
+    return VisualizeInputs(model=loaded.module, figure_inputs=figures.inputs, figure_data=figures.description,
+                           synthetic=figures.synthetic, **results)
 
 
 def _written_by_export(out: Path) -> bool:
