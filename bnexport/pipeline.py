@@ -569,7 +569,7 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
                 parity=exports.parity.to_json(), parity_outputs=exports.parity_outputs, fold=exports.fold_reports,
                 onnx_models=exports.onnx_models, summary=summary.to_json(),
             )
-            drawn = visualize(staging, figure_format=figure_format, inputs=held)
+            drawn = visualize(staging, figure_format=figure_format, inputs=held, published=out)
         write_json(staging / ARTIFACTS.summary, summary.to_json())
         write_manifest(staging, {**EXPORT_DESCRIPTIONS, **drawn.descriptions()}, name=ARTIFACTS.manifest)
         _publish(staging, out)

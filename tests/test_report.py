@@ -145,10 +145,9 @@ def test_visualize_names_the_missing_file(tiny_run, tmp_path, missing):
     assert_one_line_error(run_cli("visualize", "--out", out), missing, "not found", "train-and-export")
 
 
-def test_visualize_refuses_an_export_run_by_name(tmp_path):
+def test_visualize_refuses_an_export_summary_without_inputs(tmp_path):
     (tmp_path / ARTIFACTS.summary).write_text('{"model": {"spec": "torchvision:resnet50"}, "batchnorm_layers": 53}')
-    assert_one_line_error(run_cli("visualize", "--out", tmp_path), "bnexport export", "checkpoint.pt",
-                          "train-and-export runs only")
+    assert_one_line_error(run_cli("visualize", "--out", tmp_path), "summary.json", "no model spec or inputs")
 
 
 def test_visualize_missing_checkpoint_flag(tmp_path):

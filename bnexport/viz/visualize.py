@@ -240,8 +240,11 @@ def _measure(model: nn.Module, batch: tuple[torch.Tensor, ...]
 
 
 def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_format: str = DEFAULT_FIGURE_FORMAT,
-              inputs: VisualizeInputs | None = None) -> VisualizeResult:
+              inputs: VisualizeInputs | None = None, published: str | Path | None = None) -> VisualizeResult:
     """Write every figure into ``out/figures`` and ``out/report.html``; return what was written.
+
+    ``published`` is the folder the files end up in when ``out`` is a staging folder (`export`):
+    the report's commands name that one.
 
     ``inputs`` is what the run holds in memory; without it they are read from ``out``
     (``checkpoint`` names another checkpoint than ``out/checkpoint.pt``).
@@ -341,7 +344,7 @@ def visualize(out: str | Path, *, checkpoint: str | Path | None = None, figure_f
         parity=parity, fold=inputs.fold, summary=inputs.summary, training=training_part,
         figure_data=inputs.figure_data, synthetic=inputs.synthetic, file_sizes=_file_sizes(out, inputs.summary),
         parameters=sum(p.numel() for p in model.parameters()), model_class=type(model).__name__,
-        onnx_files=[out / ARTIFACTS.onnx, out / ARTIFACTS.onnx_folded],
+        onnx_files=[Path(published or out) / ARTIFACTS.onnx, Path(published or out) / ARTIFACTS.onnx_folded],
     )
     result.seconds = time.perf_counter() - started
     return result
