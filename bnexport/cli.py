@@ -18,6 +18,10 @@ from .config import (BENCH_BATCHES, BENCH_MIN_SECONDS, DATASETS, DEFAULT_ATOL, D
                      GUESSED_IMAGE_SIDE, GUESSED_LENGTH, NETRON_PORT, SCHEDULES, Tolerance, TrainConfig, tolerance_for)
 from .errors import EXIT_BAD_INPUT, EXIT_CHECK_FAILED, EXIT_OK, BnexportError, CheckFailed, exit_code_for, reported_here
 
+# What a MODEL argument of fold, parity, bench and recalibrate may be, besides a file.
+SPEC_HELP = ("a model spec: torchvision:NAME, timm:NAME, package.module:callable or path/to/file.py:callable "
+             "(a callable that returns an nn.Module; --weights fills it)")
+
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line, with exit status 2."""
@@ -166,7 +170,9 @@ def port_number(text: str) -> int:
 
 
 def add_view_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("models", nargs="+", type=Path, metavar="MODEL", help="ONNX model files")
+    parser.add_argument("models", nargs="+", type=Path, metavar="MODEL",
+                        help="ONNX model files, or the folder of an export or train-and-export run "
+                             "(its model.onnx and model.folded.onnx)")
     parser.add_argument("--port", type=port_number, default=NETRON_PORT,
                         help="port of the first model; the others take the next ones; 0 picks free ports (default: %(default)s)")
     parser.add_argument("--no-browser", action="store_true", help="print the URLs without opening a browser")
@@ -298,23 +304,50 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def add_recalibrate_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("checkpoint", type=Path, help="a bnexport checkpoint.pt")
+    parser.add_argument("model", metavar="MODEL",
+                        help=f"a bnexport checkpoint.pt (recalibrated over its own training data), or {SPEC_HELP}, "
+                             "recalibrated over --data")
+    parser.add_argument("--data", default=None, metavar="DIR|FILE",
+                        help="for a model spec: the samples, every one of them (up to --batches): a folder of images "
+                             "in class folders (ImageFolder), or an .npy/.npz file (an .npz holds one array per input name)")
+    add_weights_argument(parser)
+    parser.add_argument("--input-shape", type=input_shape_arg, action="append", default=None, metavar="[NAME=]N,C,H,W",
+                        help="for a model spec: its input's shape, NAME=DIMS once per input for several (default: "
+                             "what the model says it takes, else the shape of the .npy/.npz samples)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="for a model spec: seed of its random weights without --weights (default: %(default)s)")
     parser.add_argument("--batches", type=positive_int, default=None, metavar="N",
-                        help="recompute over the first N batches of the seeded training order (default: all of it)")
-    parser.add_argument("--batch-size", type=positive_int, default=None, help="default: the checkpoint's")
+                        help="recompute over the first N batches: of the checkpoint's seeded training order, or of "
+                             "--data in its own order (default: all of it)")
+    parser.add_argument("--batch-size", type=positive_int, default=None,
+                        help=f"default: the checkpoint's; {TrainConfig().batch_size} for --data (the statistics do not "
+                             "depend on it)")
     parser.add_argument("-o", "--output", type=Path, default=None, metavar="OUT",
-                        help="new checkpoint (default: CHECKPOINT with .recalibrated before its suffix)")
-    parser.add_argument("--in-place", action="store_true", help="replace CHECKPOINT itself (atomically)")
+                        help="new checkpoint (default: CHECKPOINT with .recalibrated before its suffix); for a model "
+                             "spec, required: the state dict file to write")
+    parser.add_argument("--in-place", action="store_true",
+                        help="replace CHECKPOINT itself, or a model spec's --weights file (atomically)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
 
 
 def cmd_recalibrate(args: argparse.Namespace) -> int:
-    """Recompute BatchNorm running statistics exactly (momentum=None, pooled in float64) over the
-    checkpoint's own training data, and save them in a new checkpoint."""
-    from .distributed.recalibrate import recalibrate_checkpoint
+    """Recompute BatchNorm running statistics exactly (pooled in float64): a checkpoint's over its own
+    training data, a model spec's over --data; save them in a new file."""
+    from .distributed.recalibrate import recalibrate_checkpoint, recalibrate_model
+    from .parity.sources import names_a_spec
 
-    result = recalibrate_checkpoint(args.checkpoint, args.output, batches=args.batches, batch_size=args.batch_size,
-                                    in_place=args.in_place)
+    spec_flags = [flag for flag, value in (("--data", args.data), ("--weights", args.weights),
+                                           ("--input-shape", args.input_shape)) if value is not None]
+    if not names_a_spec(args.model):
+        if spec_flags and Path(args.model).is_file():
+            raise BnexportError(f"{spec_flags[0]}: {args.model} is a bnexport checkpoint, recalibrated over its own "
+                                f"training data; {spec_flags[0]} is for a model spec")
+        result = recalibrate_checkpoint(args.model, args.output, batches=args.batches, batch_size=args.batch_size,
+                                        in_place=args.in_place)
+    else:
+        result = recalibrate_model(args.model, args.data, args.output, weights=args.weights,
+                                   input_shapes=given_shapes(args.input_shape), batches=args.batches,
+                                   batch_size=args.batch_size, in_place=args.in_place, seed=args.seed)
     if args.json:
         print_json(result.to_json())
     else:
@@ -338,7 +371,7 @@ def cmd_view(args: argparse.Namespace) -> int:
     """Serve models in Netron on 127.0.0.1, one port each, until Ctrl-C."""
     from .viz import netron as view
 
-    served = view.start(args.models, port=args.port)
+    served = view.start(view.models_to_serve(args.models), port=args.port)
     for model in served:
         print(f"serving {model.path} at {model.url}", flush=True)
     print("Ctrl-C stops", flush=True)
@@ -356,13 +389,17 @@ def add_check_arguments(parser: argparse.ArgumentParser) -> None:
                         help="shape of a seeded check input, NAME=DIMS once per input (a bare shape for a one-input "
                              f"model); default: the model's, dynamic dims guessed (batch {GUESSED_BATCH}, image sides "
                              f"{GUESSED_IMAGE_SIDE}, other lengths {GUESSED_LENGTH}) and printed")
-    parser.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the check input (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=DEFAULT_SEED,
+                        help="seed of the check input, and of a model spec's random weights without --weights "
+                             "(default: %(default)s)")
 
 
 def add_fold_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", type=Path, help="an ONNX file or a bnexport checkpoint")
+    parser.add_argument("model", metavar="MODEL", help=f"an ONNX file, a bnexport checkpoint, or {SPEC_HELP}")
+    add_weights_argument(parser)
     parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="where to write the folded model; for a checkpoint its suffix picks the format: .onnx, .ts or .pt2")
+                        help="where to write the folded model; for a checkpoint or a model spec (which requires it) "
+                             "its suffix picks the format: .onnx, .ts or .pt2")
     parser.add_argument("--report", type=Path, default=None, metavar="JSON", help="also write the per-BatchNorm decisions as JSON")
     parser.add_argument("--in-place", action="store_true", help="overwrite the input ONNX file with the folded model")
     parser.add_argument("--no-check", action="store_true", help="skip the parity check of the folded model")
@@ -380,12 +417,15 @@ def add_inspect_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_parity_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("reference", type=Path, help="an ONNX file or a bnexport checkpoint: the reference")
-    parser.add_argument("candidate", type=Path, help="an ONNX file or a bnexport checkpoint to compare with it")
+    parser.add_argument("reference", metavar="REFERENCE",
+                        help=f"the reference: an ONNX file, a bnexport checkpoint, or {SPEC_HELP}")
+    parser.add_argument("candidate", metavar="CANDIDATE", help="the model to compare with it, of the same kinds")
+    add_weights_argument(parser)
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", type=Path, help="an ONNX file or a bnexport checkpoint")
+    parser.add_argument("model", metavar="MODEL", help=f"an ONNX file, a bnexport checkpoint, or {SPEC_HELP}")
+    add_weights_argument(parser)
     parser.add_argument("--batch", type=positive_int, nargs="+", default=list(BENCH_BATCHES),
                         help=f"batch sizes (default: {' '.join(map(str, BENCH_BATCHES))})")
     parser.add_argument("--min-seconds", type=positive_float, default=BENCH_MIN_SECONDS, help="time each runner at least this long (default: %(default)s)")
@@ -405,7 +445,7 @@ def cmd_fold(args: argparse.Namespace) -> int:
     try:
         report = fold_file(args.model, args.output, in_place=args.in_place, report_path=args.report,
                            check=not args.no_check, input_shapes=given_shapes(args.input_shape), seed=args.seed,
-                           atol=args.atol, rtol=args.rtol, fold_overridable=args.fold_overridable)
+                           atol=args.atol, rtol=args.rtol, fold_overridable=args.fold_overridable, weights=args.weights)
     except CheckFailed as failed:
         print(failed.report.table())
         print(f"bnexport fold: {args.model}: {failed}; nothing written", file=sys.stderr)
@@ -437,7 +477,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    """Compare two models, ONNX files or bnexport checkpoints, on seeded input.
+    """Compare two models, ONNX files, bnexport checkpoints or model specs, on seeded input.
 
     Every graph input gets a seeded value of its own dtype and shape; every output is compared.
     ONNX runs in ONNX Runtime with graph optimisations disabled. Exit 0 when they agree within
@@ -447,7 +487,7 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from .parity.files import compare_files
 
     report = compare_files(args.reference, args.candidate, input_shapes=given_shapes(args.input_shape), seed=args.seed,
-                           atol=args.atol, rtol=args.rtol)
+                           atol=args.atol, rtol=args.rtol, weights=args.weights)
     if args.json:
         print_json(report.to_json())
     else:
@@ -456,11 +496,11 @@ def cmd_parity(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    """Inference latency of a checkpoint or ONNX file, BatchNorm kept and folded, per runtime and batch size."""
+    """Inference latency of an ONNX file, a checkpoint or a model spec, BatchNorm kept and folded, per runtime and batch size."""
     from .bench import bench_file
 
     report = bench_file(args.model, input_shapes=given_shapes(args.input_shape), threads=args.threads,
-                        batches=tuple(args.batch), seed=args.seed, min_seconds=args.min_seconds)
+                        batches=tuple(args.batch), seed=args.seed, min_seconds=args.min_seconds, weights=args.weights)
     if args.json:
         print_json(report.to_json())
     else:

@@ -25,6 +25,9 @@ GUESSED_IMAGE_SIDE = 224  # height and width of a 4-D image input (ImageNet)
 GUESSED_CLIP_FRAMES, GUESSED_CLIP_SIDE = 16, 112  # depth, height and width of a 5-D video input (r3d, x3d, slow_r50)
 GUESSED_LENGTH = 128  # any other dynamic dim: tokens, samples, features
 
+# The models a command takes besides files: ``bnexport.model_spec.load_model`` builds them.
+SPEC_FORMS = "torchvision:NAME, timm:NAME, package.module:callable, path/to/file.py:callable or a bnexport checkpoint"
+
 INPUT_NAME = "images"
 OUTPUT_NAME = "logits"
 DEFAULT_OPSET = 18
@@ -185,6 +188,7 @@ __all__ = [
     "OUTPUT_NAME",
     "PARITY_BATCH_SIZE",
     "SCHEDULES",
+    "SPEC_FORMS",
     "SUMMARY_BENCH_RUNS",
     "SUMMARY_BENCH_SECONDS",
     "TrainConfig",

@@ -2,12 +2,15 @@
 
 Every dataset here is small enough to hold in memory, so images are decoded once into a
 float32 tensor in [0, 1] (what the article's ``ToTensor`` gives) and batches are slices of it.
-No per-sample PIL conversion happens in the training loop.
+No per-sample PIL conversion happens in the training loop. A user's own ``--data`` (an image
+folder or an .npy/.npz file) is read here too: a seeded few samples for the export report's
+figures (``load_figure_data``), or every one for ``recalibrate`` (``load_samples``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
@@ -201,6 +204,19 @@ class FigureData:
     inputs: tuple[torch.Tensor, ...]  # one tensor per positional input of the model
     description: str
     synthetic: bool
+    source: dict = field(default_factory=dict)  # load_figure_data's arguments: what reads the same samples again
+
+
+@dataclass
+class Samples:
+    """Every sample of a user's data, as model inputs, and where they came from."""
+
+    inputs: tuple[torch.Tensor, ...]  # one tensor per positional input of the model, samples along dim 0
+    description: str
+
+    @property
+    def count(self) -> int:
+        return len(self.inputs[0])
 
 
 def load_figure_data(shapes: dict[str, tuple[int, ...]], *, data: str | Path | None = None, dataset: str | None = None,
@@ -215,22 +231,60 @@ def load_figure_data(shapes: dict[str, tuple[int, ...]], *, data: str | Path | N
     """
     if data is not None and dataset is not None:
         raise BnexportError("--data and --dataset: give one or the other")
+    source = {"data": None if data is None else str(data), "dataset": dataset, "seed": seed, "size": size,
+              "data_root": str(data_root)}
     if data is None and dataset is None:
         from .model_spec import seeded_tensors
 
         inputs = seeded_tensors(shapes, seed=seed, batch=size)
         dims = ", ".join("×".join(map(str, (size, *s[1:]))) for s in shapes.values())
-        return FigureData(inputs, f"seeded synthetic input ({dims}, standard normal, seed {seed})", synthetic=True)
+        return FigureData(inputs, f"seeded synthetic input ({dims}, standard normal, seed {seed})", synthetic=True,
+                          source=source)
     if dataset is not None:
-        return _dataset_figure_data(shapes, dataset, seed=seed, size=size, data_root=data_root, download=download)
+        figures = _dataset_figure_data(shapes, dataset, seed=seed, size=size, data_root=data_root, download=download)
+        figures.source = source
+        return figures
+    inputs, description = _read_data(shapes, _data_path(data), pick=lambda count: _seeded_pick(count, size, seed).numpy())
+    return FigureData(inputs, description, synthetic=False, source=source)
+
+
+def load_samples(shapes: dict[str, tuple[int, ...]], data: str | Path, *, limit: int | None = None) -> Samples:
+    """Every sample of ``data``, in its own order (the first ``limit`` only, when given), shaped as
+    ``shapes`` (input name → N,C,H,W...): an image folder or an .npy/.npz file, read as
+    ``load_figure_data`` reads them."""
+    def first(count: int) -> np.ndarray:
+        return np.arange(count if limit is None else min(count, limit))
+
+    return Samples(*_read_data(shapes, _data_path(data), pick=first))
+
+
+def array_shapes(data: str | Path, names: tuple[str, ...]) -> dict[str, tuple[int, ...]] | None:
+    """The shape of one sample (batch 1) of each input, by name, as an .npy/.npz file holds them;
+    None for a folder of images, whose size the model must give."""
+    path = _data_path(data)
+    if path.is_dir():
+        return None
+    flag = f"--data {path}"
+    by_input = _arrays_by_input(_read_arrays(path), names, flag)
+    return {name: (1, *np.shape(by_input[name])[1:]) for name in names}
+
+
+def _data_path(data: str | Path) -> Path:
     path = Path(data)
     if not path.exists():
         raise BnexportError(f"--data {path}: not found")
+    if not path.is_dir() and path.suffix.lower() not in (".npy", ".npz"):
+        raise BnexportError(f"--data {path}: expected a folder of images or an .npy/.npz file")
+    return path
+
+
+Pick = Callable[[int], np.ndarray]  # the sample count → the indices of the samples to read
+
+
+def _read_data(shapes, path: Path, *, pick: Pick) -> tuple[tuple[torch.Tensor, ...], str]:
     if path.is_dir():
-        return _image_folder_figure_data(shapes, path, seed=seed, size=size)
-    if path.suffix.lower() in (".npy", ".npz"):
-        return _array_figure_data(shapes, path, seed=seed, size=size)
-    raise BnexportError(f"--data {path}: expected a folder of images or an .npy/.npz file")
+        return _image_folder_inputs(shapes, path, pick=pick)
+    return _array_inputs(shapes, path, pick=pick)
 
 
 def _only_input(shapes: dict[str, tuple[int, ...]], flag: str) -> tuple[str, tuple[int, ...]]:
@@ -257,7 +311,7 @@ def _dataset_figure_data(shapes, name: str, *, seed: int, size: int, data_root, 
     return FigureData((images,), f"{loaded.name} test split ({len(images)} samples)", synthetic=False)
 
 
-def _image_folder_figure_data(shapes, path: Path, *, seed: int, size: int) -> FigureData:
+def _image_folder_inputs(shapes, path: Path, *, pick: Pick) -> tuple[tuple[torch.Tensor, ...], str]:
     from torchvision import datasets, transforms
 
     flag = f"--data {path}"
@@ -272,36 +326,45 @@ def _image_folder_figure_data(shapes, path: Path, *, seed: int, size: int) -> Fi
         folder = datasets.ImageFolder(str(path), transform=transforms.Compose(steps))
     except (FileNotFoundError, RuntimeError) as err:
         raise BnexportError(f"{flag}: not an image folder ({str(err).splitlines()[0]})") from None
-    picked = _seeded_pick(len(folder), size, seed).tolist()
+    picked = [int(i) for i in pick(len(folder))]
     try:
         images = torch.stack([folder[i][0] for i in picked])
     except OSError as err:
         raise BnexportError(f"{flag}: cannot read an image ({err})") from None
-    return FigureData((images,), f"{len(images)} images from {path.name}/ (resized to {height}×{width})", synthetic=False)
+    return (images,), f"{len(images)} images from {path.name}/ (resized to {height}×{width})"
 
 
-def _array_figure_data(shapes, path: Path, *, seed: int, size: int) -> FigureData:
-    flag = f"--data {path}"
+def _read_arrays(path: Path) -> dict:
     try:
         if path.suffix.lower() == ".npy":
-            arrays = {None: np.load(path, allow_pickle=False)}
-        else:
-            with np.load(path, allow_pickle=False) as archive:
-                arrays = {key: archive[key] for key in archive.files}
+            return {None: np.load(path, allow_pickle=False)}
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
     except (OSError, ValueError) as err:
-        raise BnexportError(f"{flag}: not a readable numpy file ({err})") from None
+        raise BnexportError(f"--data {path}: not a readable numpy file ({err})") from None
+
+
+def _arrays_by_input(arrays: dict, names, flag: str) -> dict:
+    """The array of each input name: a file's only array feeds a one-input model, else arrays go by name."""
+    names = list(names)
     if len(arrays) == 1:
-        by_input = {next(iter(shapes)): next(iter(arrays.values()))} if len(shapes) == 1 else {}
+        by_input = {names[0]: next(iter(arrays.values()))} if len(names) == 1 else {}
     else:
-        by_input = {name: arrays[name] for name in shapes if name in arrays}
-    missing = [name for name in shapes if name not in by_input]
+        by_input = {name: arrays[name] for name in names if name in arrays}
+    missing = [name for name in names if name not in by_input]
     if missing:
         raise BnexportError(f"{flag}: no array for input {missing[0]!r}; an .npz needs one array per input name "
-                            f"({', '.join(shapes)}), it has {', '.join(str(k) for k in arrays)}")
-    counts = {len(a) for a in by_input.values()}
+                            f"({', '.join(names)}), it has {', '.join(str(k) for k in arrays)}")
+    counts = {len(a) if np.ndim(a) else 0 for a in by_input.values()}
     if len(counts) != 1 or not counts.pop():
         raise BnexportError(f"{flag}: every array needs the same number of samples, at least 1")
-    index = _seeded_pick(len(next(iter(by_input.values()))), size, seed).numpy()
+    return by_input
+
+
+def _array_inputs(shapes, path: Path, *, pick: Pick) -> tuple[tuple[torch.Tensor, ...], str]:
+    flag = f"--data {path}"
+    by_input = _arrays_by_input(_read_arrays(path), shapes, flag)
+    index = pick(len(next(iter(by_input.values()))))
     tensors = []
     for name, shape in shapes.items():
         array = np.asarray(by_input[name])
@@ -312,4 +375,4 @@ def _array_figure_data(shapes, path: Path, *, seed: int, size: int) -> FigureDat
         values = array[index]
         tensor = torch.from_numpy(values.astype(np.float32) / 255.0 if values.dtype == np.uint8 else values.astype(np.float32))
         tensors.append(tensor)
-    return FigureData(tuple(tensors), f"{len(index)} samples from {path.name}", synthetic=False)
+    return tuple(tensors), f"{len(index)} samples from {path.name}"

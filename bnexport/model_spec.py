@@ -29,10 +29,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import DEFAULT_SEED
+from .config import DEFAULT_SEED, SPEC_FORMS
 from .errors import BnexportError, first_line
 
-SPEC_FORMS = "torchvision:NAME, timm:NAME, package.module:callable, path/to/file.py:callable or a bnexport checkpoint"
 # Where checkpoints of other projects keep their state dict, in the order they are tried.
 STATE_DICT_KEYS = ("state_dict", "model_state_dict", "model", "state", "net", "network")
 _DOTTED = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -58,11 +57,14 @@ class LoadedModel:
 
     def describe(self) -> dict:
         """summary.json's ``model``: enough to rebuild it with ``load_model``."""
+        from .artifacts import sha256_file
+
         cls = type(self.module)
         return {
             "spec": self.spec,
             "class": f"{cls.__module__}.{cls.__qualname__}",
             "weights": self.weights,
+            "weights_sha256": sha256_file(self.weights) if self.weights else None,
             "random_weights": self.random_weights,
             "seed": self.seed,
             "parameters": sum(p.numel() for p in self.module.parameters()),

@@ -68,6 +68,7 @@ class RunSummary:
     file_sizes: dict[str, int] = field(default_factory=dict)
     bench: dict | None = None  # export: BatchNorm kept against folded, per runtime (bench.time_kept_against_folded)
     figure_data: str | None = None  # export: what the figures were drawn from
+    figure_source: dict | None = None  # export: what reads the same figure samples again (visualize)
     notes: list[str] = field(default_factory=list)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     versions: dict[str, str] = field(default_factory=library_versions)
@@ -77,7 +78,8 @@ class RunSummary:
         trained = {} if self.model is not None else {
             "dataset": self.dataset, "config": self.config, "epochs": self.epochs, "test_accuracy": self.test_accuracy}
         exported = {} if self.model is None else {
-            "model": self.model, "inputs": self.inputs, "figure_data": self.figure_data, "bench": self.bench}
+            "model": self.model, "inputs": self.inputs, "figure_data": self.figure_data,
+            "figure_source": self.figure_source, "bench": self.bench}
         extra = {} if self.replicas is None else {"replicas": self.replicas}
         return {
             **trained,
@@ -291,9 +293,9 @@ def export_stage(model: torch.nn.Module, parity_inputs: tuple[torch.Tensor, ...]
                     notes.append(f"{skipped} not written: torch.export cannot export {label} ({first_line(err)})")
                     break
             bar.start("ONNX")
-            onnx_model, how[ARTIFACTS.onnx] = _export_onnx(model, example, input_names=list(input_names),
-                                                             output_names=output_names, dynamic_batch=dynamic_batch,
-                                                             label=label)
+            onnx_model, how[ARTIFACTS.onnx] = exporters.to_onnx_with_fallback(
+                model, example, input_names=list(input_names), output_names=output_names, dynamic_batch=dynamic_batch,
+                label=label)
             if how[ARTIFACTS.onnx] != "dynamo":
                 notes.append(f"{ARTIFACTS.onnx}: the dynamo exporter failed, so the TorchScript exporter wrote it")
             bar.start("fold ONNX")
@@ -311,7 +313,6 @@ def export_stage(model: torch.nn.Module, parity_inputs: tuple[torch.Tensor, ...]
             onnx.checker.check_model(folded_bytes, full_check=True)
             exporters.save_onnx(onnx_model, out / ARTIFACTS.onnx)
             atomic_write(out / ARTIFACTS.onnx_folded, lambda tmp: tmp.write_bytes(folded_bytes))
-            del folded_bytes
             written += [ARTIFACTS.onnx, ARTIFACTS.onnx_folded]
             how[ARTIFACTS.onnx_folded] = "bnexport fold"
             reports = {"torch": torch_report.to_json(), "onnx": onnx_report.to_json()}
@@ -331,35 +332,6 @@ def export_stage(model: torch.nn.Module, parity_inputs: tuple[torch.Tensor, ...]
         if own_bar:
             bar.close()
     return exports
-
-
-def _export_onnx(model, example, *, input_names, output_names, dynamic_batch: bool, label: str):
-    """model.onnx by the dynamo exporter, else by the TorchScript one; one line naming both when neither can."""
-    try:
-        return exporters.to_onnx(model, example, input_names=input_names, output_names=output_names,
-                                 dynamic_batch=dynamic_batch), "dynamo"
-    except Exception as dynamo_error:
-        try:
-            return exporters.to_onnx_by_torchscript(model, example, input_names=input_names, output_names=output_names,
-                                                    dynamic_batch=dynamic_batch), "torchscript"
-        except Exception as torchscript_error:
-            raise BnexportError(f"{label}: no exporter can write ONNX: dynamo exporter: {_exporter_cause(dynamo_error)}; "
-                                f"TorchScript exporter: {_exporter_cause(torchscript_error)}") from None
-
-
-def _exporter_cause(err: BaseException) -> str:
-    """The ops an exporter stumbled on, where its messages name them, then the first line of the
-    innermost cause: the dynamo exporter's own first line only says which of its steps failed."""
-    import re
-
-    chain = [err]
-    while chain[-1].__cause__ is not None and len(chain) < 10:
-        chain.append(chain[-1].__cause__)
-    text = "\n".join(str(e) for e in chain)
-    # aten::op, aten.op (overload dropped) and onnx::Op; not onnx.<module> in the exporter's own names
-    ops = sorted(set(re.findall(r"\b(?:aten|prim)(?:::|\.)\w+|\bonnx::\w+", text)))
-    line = first_line(chain[-1], limit=160)
-    return f"op {', '.join(ops[:3])}: {line}" if ops else f"{type(chain[-1]).__name__}: {line}"
 
 
 def parity_runners(folded_module: torch.nn.Module, out: Path, *, written: list[str] | None = None) -> dict:
@@ -461,7 +433,7 @@ def train_and_export(config: TrainConfig, out: Path, *, resume: str | Path | Non
     # What the run holds, as visualize would read it back from the files written above. The
     # report shows the summary as it stands before this stage; summary.json, written once
     # after it, adds the stage's own seconds.
-    held = VisualizeInputs(
+    held = VisualizeInputs.from_training(
         model=model, config=config, dataset=dataset, history=state.history, parity=parity.to_json(),
         parity_outputs=outputs, fold=exports.fold_reports, onnx_models=exports.onnx_models, runs=runs,
         bn_stats=recorder.bn_stats(state.history) if recorder.stats.layers else None, summary=summary.to_json(),
@@ -589,7 +561,7 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
         bar.start("figures")
         with _timed(seconds, "visualize"):
             figures = figure_data or load_figure_data(shapes, seed=seed)
-            summary.figure_data = figures.description
+            summary.figure_data, summary.figure_source = figures.description, figures.source
             from .viz.visualize import VisualizeInputs, visualize
 
             held = VisualizeInputs(
@@ -597,7 +569,7 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
                 parity=exports.parity.to_json(), parity_outputs=exports.parity_outputs, fold=exports.fold_reports,
                 onnx_models=exports.onnx_models, summary=summary.to_json(),
             )
-            drawn = visualize(staging, figure_format=figure_format, inputs=held)
+            drawn = visualize(staging, figure_format=figure_format, inputs=held, published=out)
         write_json(staging / ARTIFACTS.summary, summary.to_json())
         write_manifest(staging, {**EXPORT_DESCRIPTIONS, **drawn.descriptions()}, name=ARTIFACTS.manifest)
         _publish(staging, out)

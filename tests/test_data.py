@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from bnexport.data import (epoch_order, load_bundled, load_dataset, make_synthetic, parity_batch,
-                           random_shift)
+from bnexport.data import (array_shapes, epoch_order, load_bundled, load_dataset, load_figure_data, load_samples,
+                           make_synthetic, parity_batch, random_shift)
 from bnexport.errors import BnexportError
 
 
@@ -127,3 +127,63 @@ def test_torchvision_datasets_load_as_tensors(tmp_path, name, folder):
     assert data.train_images.shape == (12, 1, 28, 28) and data.test_images.shape == (5, 1, 28, 28)
     assert data.train_images.dtype == torch.float32 and float(data.train_images.max()) <= 1.0
     assert data.train_labels.dtype == torch.int64
+
+
+# A user's data: every sample (recalibrate --data), or a seeded few (the export report's figures) --
+
+def write_image_folder(root, count: int, size: int = 6) -> np.ndarray:
+    """``count`` RGB PNGs in two class folders; returns them as N,3,H,W floats in [0, 1], in ImageFolder's order."""
+    from PIL import Image
+
+    pixels = np.random.default_rng(4).integers(0, 256, (count, size, size, 3), dtype=np.uint8)
+    for index, image in enumerate(pixels):
+        folder = root / ("a" if index < count // 2 else "b")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(folder / f"{index:03d}.png")
+    return pixels.transpose(0, 3, 1, 2).astype(np.float32) / 255
+
+
+def test_load_samples_reads_every_sample_in_order(tmp_path):
+    arrays = {"image": np.random.default_rng(1).integers(0, 256, (11, 3, 4, 4), dtype=np.uint8),
+              "features": np.arange(11 * 5, dtype=np.float64).reshape(11, 5)}
+    np.savez(tmp_path / "d.npz", **arrays)
+    shapes = {"image": (1, 3, 4, 4), "features": (1, 5)}
+    samples = load_samples(shapes, tmp_path / "d.npz")
+    assert samples.count == 11 and samples.description == "11 samples from d.npz"
+    image, features = samples.inputs
+    assert image.dtype == torch.float32 and torch.equal(image, torch.from_numpy(arrays["image"] / np.float32(255)))
+    assert torch.equal(features, torch.from_numpy(arrays["features"]).float())
+    first = load_samples(shapes, tmp_path / "d.npz", limit=4)
+    assert first.count == 4 and torch.equal(first.inputs[1], features[:4])
+    assert array_shapes(tmp_path / "d.npz", ("image", "features")) == shapes
+    # greyscale N,H,W feeds an N,1,H,W input
+    np.save(tmp_path / "grey.npy", np.ones((3, 5, 5), np.float32))
+    assert load_samples({"x": (1, 1, 5, 5)}, tmp_path / "grey.npy").inputs[0].shape == (3, 1, 5, 5)
+
+
+def test_load_samples_of_an_image_folder_and_figure_data_share_the_reader(tmp_path):
+    expected = write_image_folder(tmp_path / "images", 9)
+    samples = load_samples({"images": (1, 3, 6, 6)}, tmp_path / "images")
+    assert samples.count == 9 and samples.description == "9 images from images/ (resized to 6×6)"
+    np.testing.assert_allclose(samples.inputs[0].numpy(), expected, atol=1e-6)
+    assert array_shapes(tmp_path / "images", ("images",)) is None  # images take the model's size
+
+    def figure_picks(seed: int) -> list[int]:
+        figures = load_figure_data({"images": (1, 3, 6, 6)}, data=tmp_path / "images", size=4, seed=seed)
+        assert figures.inputs[0].shape == (4, 3, 6, 6) and not figures.synthetic
+        return [int(np.abs(expected - image.numpy()).sum((1, 2, 3)).argmin()) for image in figures.inputs[0]]
+
+    picked = figure_picks(2)
+    assert len(set(picked)) == 4 and picked == figure_picks(2)  # four of the nine, drawn by the seed
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda p: p / "missing.npy", "not found"),
+    (lambda p: (p / "d.csv").write_text("1") and p / "d.csv", "folder of images or an .npy/.npz"),
+    (lambda p: np.save(p / "e.npy", np.zeros((0, 3, 2, 2))) or p / "e.npy", "at least 1"),
+    (lambda p: np.savez(p / "n.npz", a=np.zeros((2, 3)), b=np.zeros((2, 3))) or p / "n.npz", "no array for input 'x'"),
+    (lambda p: np.save(p / "w.npy", np.zeros((2, 3, 4, 4))) or p / "w.npy", "samples of x are [3, 4, 4]"),
+])
+def test_load_samples_bad_data_is_one_line(tmp_path, make, fragment):
+    with pytest.raises(BnexportError, match=re.escape(fragment)):
+        load_samples({"x": (1, 3, 5, 5)}, make(tmp_path))

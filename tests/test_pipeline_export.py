@@ -9,6 +9,8 @@ from __future__ import annotations
 import functools
 import hashlib
 import inspect
+import json
+import shutil
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -206,8 +208,9 @@ def test_fold_report_names_every_batchnorm(exported):
     assert sorted(r["batchnorm"] for r in records) == sorted(nodes)
     assert fold["onnx"]["kept"] == exported.case.kept_after_fold
     modules = batchnorm_modules(exported.model)
-    if any("module" in r for r in records):
-        assert sorted(r["module"] for r in records) == sorted(modules)
+    assert sorted(r["module"] for r in records) == sorted(modules)
+    layers = {name for name, m in exported.model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))}
+    assert all(r["folded_into_module"] in layers for r in records if r["status"] == "folded")
     assert sorted(r["batchnorm"] for r in fold["torch"]["records"]) == sorted(modules)
     assert fold["torch"]["kept"] == exported.case.kept_after_fold
 
@@ -221,6 +224,44 @@ def test_same_command_twice_gives_the_same_files(runs, tmp_path):
         assert (tmp_path / "again" / name).read_bytes() == (first.out / name).read_bytes(), name
     for name in ("fold.json", "parity.json"):
         assert read_json(tmp_path / "again" / name) == read_json(first.out / name), name
+
+
+def test_visualize_redraws_an_export_run_from_its_files(runs, tmp_path):
+    """The model comes back from summary.json's spec, weights and seed, and the figure samples
+    from the same seed: the redrawn report is the exported one, byte for byte."""
+    first = runs("residual")
+    assert first.result.returncode == 0, first.result.stderr
+    copy = tmp_path / "run"
+    shutil.copytree(first.out, copy)
+    (copy / "report.html").unlink()
+    shutil.rmtree(copy / "figures")
+    result = run_cli("visualize", "--out", copy)
+    assert result.returncode == 0, result.stderr
+    exported = (first.out / "report.html").read_text()
+    assert str(first.out / "model.onnx") in exported and ".staging" not in exported
+
+    def without_stage_seconds(page: str) -> list[str]:  # the exported page was drawn before its own stage ended
+        return [line for line in page.splitlines() if "<th>stage</th>" not in line]
+
+    redrawn = (copy / "report.html").read_text()
+    assert without_stage_seconds(redrawn) == without_stage_seconds(exported.replace(str(first.out), str(copy)))
+    assert sorted(p.name for p in (copy / "figures").iterdir()) == sorted(p.name for p in (first.out / "figures").iterdir())
+
+
+def test_visualize_refuses_an_export_run_whose_weights_changed(runs, tmp_path):
+    first = runs("residual")
+    assert first.result.returncode == 0, first.result.stderr
+    weights = tmp_path / "weights.pt"
+    shutil.copy(first.weights, weights)
+    copy = tmp_path / "run"
+    shutil.copytree(first.out, copy)
+    summary = read_json(copy / "summary.json")
+    summary["model"]["weights"] = str(weights)
+    (copy / "summary.json").write_text(json.dumps(summary))
+    torch.save(user_models.randomise_batchnorm(user_models.make_residual(), seed=12).state_dict(), weights)
+    before = folder_state(copy)
+    assert_one_line_error(run_cli("visualize", "--out", copy), str(weights), "changed since")
+    assert folder_state(copy) == before
 
 
 # A model no ONNX exporter takes: the run ends with one line, and writes nothing -------------

@@ -3,8 +3,10 @@
 import shutil
 from html.parser import HTMLParser
 
+import numpy as np
 import onnx
 import pytest
+import torch
 
 from bnexport.config import ARTIFACTS
 from browser import chromium_page
@@ -71,7 +73,17 @@ def test_train_and_export_writes_figures_and_report(tiny_run):
                                         ["torch", "bn1", "", "folded", "conv1"],
                                         ["onnx", "bn1", bn_node, "folded", "conv1"]]
     [header, health] = report.tables["health"]
-    assert health[:3] == ["bn1", "16", "conv1"] and health[-1] == "healthy"
+    assert health[:3] == ["bn1", "16", "conv1"]
+    # Drift, against eager torch: conv1's output on the figure batch against bn1's running statistics.
+    # Eight steps of momentum 0.1 leave the running statistics far from the data, so bn1 drifts.
+    shift, ratio = eager_drift(tiny_run)
+    row = dict(zip(header, health))
+    assert float(row["max δ"]) == pytest.approx(shift.max(), rel=6e-3)  # 3 significant digits
+    low, high = map(float, row["v min – max"].split(" – "))
+    assert (low, high) == (pytest.approx(ratio.min(), rel=6e-3), pytest.approx(ratio.max(), rel=6e-3))
+    drift = max(shift.max(), np.abs(np.log2(ratio)).max())
+    assert float(row["drift"]) == pytest.approx(drift, rel=6e-3)
+    assert row["verdict"] == ("drift" if drift >= 1 else "healthy")
     effect = report.tables["effect"]
     assert [row[0] for row in effect[1:]] == ["with BatchNorm", "without BatchNorm"]
     curves = read_json(tiny_run / ARTIFACTS.training_curves)
@@ -81,6 +93,24 @@ def test_train_and_export_writes_figures_and_report(tiny_run):
     text = (tiny_run / ARTIFACTS.report).read_text()
     assert f"bnexport view {tiny_run / 'model.onnx'}" in text and f"{tiny_run / 'model.folded.onnx'}" in text
     assert "<script" not in text and "http://" not in text and "https://" not in text
+
+
+def eager_drift(run) -> tuple[np.ndarray, np.ndarray]:
+    """bn1's mean shift and variance ratio per channel, on the run's figure batch, in float64 eager torch."""
+    from bnexport.data import parity_batch
+    from bnexport.train.loop import reopen_checkpoint
+    from bnexport.viz.visualize import VIZ_BATCH_SIZE
+
+    reopened = reopen_checkpoint(run / ARTIFACTS.checkpoint)
+    model = reopened.model.double()
+    images = parity_batch(reopened.dataset, seed=reopened.config.seed, size=VIZ_BATCH_SIZE).double()
+    with torch.no_grad():
+        x = model.conv1(images)
+    mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+    bn = model.bn1
+    shift = (mean - bn.running_mean).abs() / torch.sqrt(bn.running_var + bn.eps)
+    ratio = (var + bn.eps) / (bn.running_var + bn.eps)
+    return shift.numpy(), ratio.numpy()
 
 
 def test_run_records_bn_statistics_and_lists_new_files(tiny_run):
@@ -113,6 +143,11 @@ def test_visualize_names_the_missing_file(tiny_run, tmp_path, missing):
     shutil.copytree(tiny_run, out)
     (out / missing).unlink()
     assert_one_line_error(run_cli("visualize", "--out", out), missing, "not found", "train-and-export")
+
+
+def test_visualize_refuses_an_export_summary_without_inputs(tmp_path):
+    (tmp_path / ARTIFACTS.summary).write_text('{"model": {"spec": "torchvision:resnet50"}, "batchnorm_layers": 53}')
+    assert_one_line_error(run_cli("visualize", "--out", tmp_path), "summary.json", "no model spec or inputs")
 
 
 def test_visualize_missing_checkpoint_flag(tmp_path):

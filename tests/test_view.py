@@ -141,3 +141,32 @@ def test_a_child_that_hangs_before_it_is_ready_times_out(tiny_run, monkeypatch):
     monkeypatch.setattr(view, "START_TIMEOUT_S", 1.0)
     with pytest.raises(BnexportError, match="Netron could not serve .*no answer within 1 s"):
         view.start([tiny_run / "model.onnx"], port=0)
+
+
+def test_a_run_folder_serves_its_two_onnx_files(tiny_run, tmp_path):
+    assert view.models_to_serve([tiny_run]) == [tiny_run / "model.onnx", tiny_run / "model.folded.onnx"]
+    (tmp_path / "b.onnx").write_bytes(b"")
+    (tmp_path / "a.onnx").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("")
+    assert view.models_to_serve([tmp_path, tiny_run / "model.onnx"]) == [tmp_path / "a.onnx", tmp_path / "b.onnx",
+                                                                          tiny_run / "model.onnx"]
+    port = consecutive_free_ports(2)
+    process = subprocess.Popen([sys.executable, "-m", "bnexport", "view", tiny_run, "--port", str(port), "--no-browser"],
+                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = [process.stdout.readline().strip() for _ in range(2)]
+        assert lines == [f"serving {tiny_run / 'model.onnx'} at http://127.0.0.1:{port}/",
+                         f"serving {tiny_run / 'model.folded.onnx'} at http://127.0.0.1:{port + 1}/"]
+        served = fetch(f"http://127.0.0.1:{port + 1}/data/model.folded.onnx")
+        assert hashlib.sha256(served).digest() == hashlib.sha256((tiny_run / "model.folded.onnx").read_bytes()).digest()
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=20)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 0
+
+
+def test_a_folder_without_onnx_files_is_one_line(tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    assert_one_line_error(run_cli("view", tmp_path, "--no-browser"), str(tmp_path), "no ONNX file", "model.onnx")

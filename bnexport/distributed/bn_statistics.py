@@ -21,7 +21,7 @@ in ``bnexport.distributed.process_group``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -183,8 +183,10 @@ class Recalibration:
 
 
 @torch.no_grad()
-def recompute_running_stats(model: nn.Module, batches: Iterable[torch.Tensor], *, sum_over: SumOverGroups = sum_nothing) -> Recalibration:
-    """Replace every BN layer's running statistics by the exact statistics of its input over ``batches``.
+def recompute_running_stats(model: nn.Module, batches: Iterable[torch.Tensor | tuple[torch.Tensor, ...]], *,
+                            sum_over: SumOverGroups = sum_nothing) -> Recalibration:
+    """Replace every BN layer's running statistics by the exact statistics of its input over ``batches``
+    (each a tensor, or a tuple of tensors for a model with several inputs).
 
     The model runs in training mode with ``momentum=None``, as ``torch.optim.swa_utils.update_bn``
     does, so every layer sees the activations training produced. PyTorch's own cumulative
@@ -215,9 +217,10 @@ def recompute_running_stats(model: nn.Module, batches: Iterable[torch.Tensor], *
             layer.momentum = None  # cumulative average over the batches, not an exponential one
         model.train()
         for batch in batches:
-            model(batch.to(device))
+            inputs = tuple(batch) if isinstance(batch, (tuple, list)) else (batch,)
+            model(*(tensor.to(device) for tensor in inputs))
             batch_count += 1
-            samples += len(batch)
+            samples += len(inputs[0])
     finally:
         for hook in hooks:
             hook.remove()
@@ -226,25 +229,105 @@ def recompute_running_stats(model: nn.Module, batches: Iterable[torch.Tensor], *
         model.train(was_training)
 
     totals = sum_over(torch.tensor([batch_count, samples], dtype=torch.float64))
-    report: dict[str, LayerRecalibration] = {}
-    for name, layer in layers.items():
-        pooled = pool(moments[name], sum_over=sum_over)
-        if float(pooled.count) < 2:
-            raise ValueError(f"recalibration of {name} needs at least 2 values per channel, got {int(pooled.count)}")
-        mean, var = pooled.mean, pooled.unbiased_var()
-        cumulative_var = layer.running_var.detach().cpu().double()
-        std, safe_var = var.clamp(min=1e-30).sqrt(), var.clamp(min=1e-30)
-        old_mean, old_var = old[name]
-        report[name] = LayerRecalibration(
-            values_per_channel=int(pooled.count),
-            mean_change_in_std=float(((mean - old_mean).abs() / std).max()),
-            var_change_relative=float(((var - old_var).abs() / safe_var).max()),
-            cumulative_average_var_error=float(((cumulative_var - var).abs() / safe_var).max()),
-        )
-        layer.running_mean.copy_(mean)
-        layer.running_var.copy_(var)
-        layer.num_batches_tracked.fill_(int(totals[0]))
+    report = {name: _replace_statistics(name, layer, pool(moments[name], sum_over=sum_over), old=old[name],
+                                        cumulative_var=layer.running_var.detach().cpu().double(), batches=int(totals[0]))
+              for name, layer in layers.items()}
     return Recalibration(batches=int(totals[0]), samples=int(totals[1]), layers=report)
+
+
+def _replace_statistics(name: str, layer: nn.modules.batchnorm._BatchNorm, pooled: Moments, *,
+                        old: tuple[torch.Tensor, torch.Tensor], cumulative_var: torch.Tensor,
+                        batches: int) -> LayerRecalibration:
+    """Put ``pooled``'s mean and unbiased variance in ``layer``; say how far they moved, and how far
+    ``cumulative_var`` (PyTorch's momentum=None average of batch variances) is from the exact one."""
+    if float(pooled.count) < 2:
+        raise ValueError(f"recalibration of {name} needs at least 2 values per channel, got {int(pooled.count)}")
+    mean, var = pooled.mean, pooled.unbiased_var()
+    std, safe_var = var.clamp(min=1e-30).sqrt(), var.clamp(min=1e-30)
+    old_mean, old_var = old
+    recalibration = LayerRecalibration(
+        values_per_channel=int(pooled.count),
+        mean_change_in_std=float(((mean - old_mean).abs() / std).max()),
+        var_change_relative=float(((var - old_var).abs() / safe_var).max()),
+        cumulative_average_var_error=float(((cumulative_var - var).abs() / safe_var).max()),
+    )
+    layer.running_mean.copy_(mean)
+    layer.running_var.copy_(var)
+    layer.num_batches_tracked.fill_(batches)
+    return recalibration
+
+
+class _ReachedLayer(Exception):
+    """Raised inside the forward once the layer being recalibrated has seen its input: the rest is not needed."""
+
+
+@torch.no_grad()
+def recompute_running_stats_layerwise(model: nn.Module, batches: Sequence[torch.Tensor | tuple[torch.Tensor, ...]]) -> Recalibration:
+    """Give every BN layer the exact statistics of the input it sees at inference, over all ``batches``.
+
+    The model runs in eval mode, so no layer's output depends on which samples share its batch,
+    and the layers are recalibrated one at a time in the order the forward calls them: pass k
+    runs every batch up to layer k's input (and stops there), with layers 1..k-1 already holding
+    their new statistics. Layer k then keeps its input's mean and unbiased variance, pooled in
+    float64 by the law of total variance. So the result is the same for any batch size, and is
+    the fixed point an exported model needs: each running mean and variance is that of the
+    layer's own input when the whole model normalises with running statistics. This costs up to
+    one pass per layer; ``recompute_running_stats`` is the one-pass, training-mode alternative.
+    A layer called twice in one forward sees every call, and is recalibrated in a full pass.
+    """
+    layers = batchnorm_layers(model)
+    if not batches:
+        raise ValueError("recalibration needs at least one batch")
+    device = next(model.parameters()).device
+    as_inputs = [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in batches]
+    was_training = model.training
+    model.eval()
+    try:
+        calls = _call_order(model, layers, as_inputs[0], device)
+        report: dict[str, LayerRecalibration] = {}
+        for name in dict.fromkeys(calls):
+            layer = layers[name]
+            stop_early = calls.count(name) == 1
+            old = (layer.running_mean.detach().cpu().double(), layer.running_var.detach().cpu().double())
+            pooled = Moments.empty(layer.num_features)
+            batch_vars = []
+
+            def record(module, args):
+                nonlocal pooled
+                seen = Moments.of(args[0])
+                pooled = pooled.combine(seen)
+                batch_vars.append(seen.unbiased_var())
+                if stop_early:
+                    raise _ReachedLayer
+
+            hook = layer.register_forward_pre_hook(record)
+            try:
+                for inputs in as_inputs:
+                    try:
+                        model(*(tensor.to(device) for tensor in inputs))
+                    except _ReachedLayer:
+                        pass
+            finally:
+                hook.remove()
+            cumulative_var = torch.stack(batch_vars).mean(0)
+            report[name] = _replace_statistics(name, layer, pooled, old=old, cumulative_var=cumulative_var,
+                                               batches=len(as_inputs))
+    finally:
+        model.train(was_training)
+    return Recalibration(batches=len(as_inputs), samples=sum(len(inputs[0]) for inputs in as_inputs), layers=report)
+
+
+def _call_order(model: nn.Module, layers: dict, inputs: tuple[torch.Tensor, ...], device) -> list[str]:
+    """The BN layers' names in the order one forward calls them, once per call."""
+    names = {layer: name for name, layer in layers.items()}
+    order: list[str] = []
+    hooks = [layer.register_forward_pre_hook(lambda module, args: order.append(names[module])) for layer in layers.values()]
+    try:
+        model(*(tensor.to(device) for tensor in inputs))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return order
 
 
 def training_batches(images: torch.Tensor, order: torch.Tensor, *, batch_size: int,

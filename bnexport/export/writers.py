@@ -15,6 +15,7 @@ import collections
 import contextlib
 import io
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -42,9 +43,10 @@ def _as_tuple(example) -> tuple:
     return tuple(example) if isinstance(example, (tuple, list)) else (example,)
 
 
-def export_torchscript(module: torch.nn.Module, path: str | Path, *, example=None) -> str:
+def to_torchscript(module: torch.nn.Module, *, example=None):
     """TorchScript by ``torch.jit.script``; where the forward is not scriptable (many timm and user
-    models), by ``torch.jit.trace`` on ``example``. Returns "script" or "trace", whichever wrote it."""
+    models), by ``torch.jit.trace`` on ``example``. Returns the module and "script" or "trace",
+    whichever made it; a one-line ``BnexportError`` naming both when neither can."""
     import torch
 
     with warnings.catch_warnings():
@@ -52,19 +54,24 @@ def export_torchscript(module: torch.nn.Module, path: str | Path, *, example=Non
         warnings.filterwarnings("ignore", message=".*torch.jit.*deprecated", category=Warning)
         warnings.filterwarnings("ignore", message="The TorchScript type system doesn't support instance-level")
         try:
-            scripted, how = torch.jit.script(module.eval()), "script"
+            return torch.jit.script(module.eval()), "script"
         except Exception as script_error:
             if example is None:
                 raise
             warnings.simplefilter("ignore")  # the tracer's warnings name the user's code, not a problem of this file
             try:
                 with torch.no_grad():
-                    scripted, how = torch.jit.trace(module.eval(), _as_tuple(example), check_trace=False), "trace"
+                    return torch.jit.trace(module.eval(), _as_tuple(example), check_trace=False), "trace"
             except Exception as trace_error:
                 raise BnexportError(f"TorchScript cannot export it: torch.jit.script: {first_line(script_error)}; "
                                     f"torch.jit.trace: {first_line(trace_error)}") from None
-        with atomic_path(path) as tmp:
-            scripted.save(str(tmp))
+
+
+def export_torchscript(module: torch.nn.Module, path: str | Path, *, example=None) -> str:
+    """``to_torchscript``, saved to ``path``. Returns "script" or "trace", whichever wrote it."""
+    scripted, how = to_torchscript(module, example=example)
+    with atomic_path(path) as tmp:
+        scripted.save(str(tmp))
     return how
 
 
@@ -175,6 +182,36 @@ def _native_stdout_discarded():
     finally:
         os.dup2(saved, 1)
         os.close(saved)
+
+
+def to_onnx_with_fallback(module: torch.nn.Module, example, *, input_names: list[str] | None = None,
+                          output_names: list[str] | None = None, dynamic_batch: bool = True,
+                          label: str = "the model") -> tuple[onnx.ModelProto, str]:
+    """ONNX by the dynamo exporter, else by the TorchScript one: (model, "dynamo" or "torchscript").
+    When neither can, one line naming both exporters' causes."""
+    try:
+        return to_onnx(module, example, input_names=input_names, output_names=output_names,
+                       dynamic_batch=dynamic_batch), "dynamo"
+    except Exception as dynamo_error:
+        try:
+            return to_onnx_by_torchscript(module, example, input_names=input_names, output_names=output_names,
+                                          dynamic_batch=dynamic_batch), "torchscript"
+        except Exception as torchscript_error:
+            raise BnexportError(f"{label}: no exporter can write ONNX: dynamo exporter: {_exporter_cause(dynamo_error)}; "
+                                f"TorchScript exporter: {_exporter_cause(torchscript_error)}") from None
+
+
+def _exporter_cause(err: BaseException) -> str:
+    """The ops an exporter stumbled on, where its messages name them, then the first line of the
+    innermost cause: the dynamo exporter's own first line only says which of its steps failed."""
+    chain = [err]
+    while chain[-1].__cause__ is not None and len(chain) < 10:
+        chain.append(chain[-1].__cause__)
+    text = "\n".join(str(e) for e in chain)
+    # aten::op, aten.op (overload dropped) and onnx::Op; not onnx.<module> in the exporter's own names
+    ops = sorted(set(re.findall(r"\b(?:aten|prim)(?:::|\.)\w+|\bonnx::\w+", text)))
+    line = first_line(chain[-1], limit=160)
+    return f"op {', '.join(ops[:3])}: {line}" if ops else f"{type(chain[-1]).__name__}: {line}"
 
 
 def _rename_dynamic_batch(model: onnx.ModelProto) -> None:

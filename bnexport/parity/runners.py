@@ -47,6 +47,27 @@ def output_tensors(result) -> list:
     return [leaf for leaf in _pytree.tree_leaves(result) if isinstance(leaf, torch.Tensor)]
 
 
+def checked_eager_runner(module, spec: str) -> Runner:
+    """``eager_runner`` for a user's model: when the model rejects its input, one line that names
+    the layer which did (``bnexport.model_spec.run_checked``) instead of torch's traceback."""
+    run = eager_runner(module)
+
+    def checked(inputs):
+        try:
+            return run(inputs)
+        except Exception:
+            import torch
+
+            from ..model_spec import run_checked
+
+            feeds = inputs if isinstance(inputs, dict) else {"input": inputs}
+            tensors = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
+            run_checked(module, tensors, shapes={name: np.shape(v) for name, v in feeds.items()}, spec=spec)
+            raise  # it ran under the hooks: the failure was not the input's
+
+    return checked
+
+
 def torchscript_runner(path: str | Path) -> Runner:
     import torch
 
@@ -254,6 +275,8 @@ def runner_for(source: str | Path | Source, *, optimize: bool = False) -> Runner
 
 
 def _source_runner(source: Source, *, optimize: bool) -> Runner:
+    if source.kind == "spec":
+        return checked_eager_runner(source.module, source.name)
     if source.kind != "onnx":
         return eager_runner(source.module)
     try:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from ..config import NETRON_PORT
+from ..config import ARTIFACTS, NETRON_PORT
 from ..errors import BnexportError, first_line
 
 HOST = "127.0.0.1"  # loopback only: a model is not published to the network by accident
@@ -78,6 +78,23 @@ def check_model(path: str | Path) -> Path:
     if not model.graph.node:  # an empty file parses as an empty ModelProto
         raise BnexportError(f"{path}: Netron cannot open it: no graph in it (empty or not an ONNX model)")
     return path
+
+
+def models_to_serve(paths: list[str | Path]) -> list[Path]:
+    """Each file as given; for a folder, its ONNX files: an export or train-and-export run's
+    model.onnx and model.folded.onnx, or else every .onnx file in it, by name."""
+    models: list[Path] = []
+    for path in map(Path, paths):
+        if not path.is_dir():
+            models.append(path)
+            continue
+        run_files = [path / name for name in (ARTIFACTS.onnx, ARTIFACTS.onnx_folded) if (path / name).is_file()]
+        found = run_files or sorted(p for p in path.glob("*.onnx") if p.is_file())
+        if not found:
+            raise BnexportError(f"{path}: no ONNX file in this folder (an export or train-and-export run holds "
+                                f"{ARTIFACTS.onnx} and {ARTIFACTS.onnx_folded})")
+        models += found
+    return models
 
 
 def port_is_free(port: int) -> bool:

@@ -16,7 +16,7 @@ from bnexport.artifacts import sha256_file
 from bnexport.cli import main
 from bnexport.export.writers import op_counts, save_onnx
 from bnexport.train.loop import load_checkpoint, model_from_checkpoint
-from conftest import assert_one_line_error, listed_options, listed_subcommands, run_bnexport, run_cli
+from conftest import REPO, assert_one_line_error, listed_options, listed_subcommands, run_bnexport, run_cli
 from exported import load_export, max_error_in_scale, uniform_batch
 from fold.models import bn_initializers, bn_node, onnx_model
 
@@ -222,15 +222,19 @@ def test_bench_json(tiny_run):
 
 @pytest.mark.parametrize("command, options", [
     ("fold", {"-o", "--output", "--report", "--in-place", "--no-check", "--fold-overridable", "--input-shape", "--seed",
-              "--atol", "--rtol"}),
+              "--atol", "--rtol", "--weights"}),
     ("inspect", {"--json"}),
-    ("parity", {"--input-shape", "--seed", "--atol", "--rtol", "--json"}),
-    ("bench", {"--batch", "--min-seconds", "--threads", "--input-shape", "--seed", "--json"}),
+    ("parity", {"--input-shape", "--seed", "--atol", "--rtol", "--json", "--weights"}),
+    ("bench", {"--batch", "--min-seconds", "--threads", "--input-shape", "--seed", "--json", "--weights"}),
+    ("recalibrate", {"--data", "--weights", "--input-shape", "--seed", "--batches", "--batch-size", "-o", "--in-place",
+                     "--json"}),
 ])
 def test_help_of_the_model_commands(command, options):
     result = run_cli(command, "--help")
     assert result.returncode == 0 and command in listed_subcommands(run_cli("--help").stdout)
     assert options <= listed_options(result.stdout)
+    if command != "inspect":  # each MODEL argument says what it accepts: files and model specs
+        assert "torchvision:NAME" in result.stdout and "path/to/file.py:callable" in result.stdout
 
 
 # Any input signature, through the command line ------------------------------------------
@@ -348,6 +352,7 @@ model, out = sys.argv[1], sys.argv[2]
 assert main(["inspect", model]) == 0
 assert main(["fold", model, "-o", out]) == 0
 assert main(["parity", model, out]) == 0
+assert main(["parity", model, "missing.onnx"]) == 2
 loaded = sorted(name for name in sys.modules if name == "torch" or name.startswith("torch."))
 print("torch modules:", len(loaded), loaded[:3])
 """
@@ -396,3 +401,129 @@ def test_fold_overridable_flag_folds_bn_parameters_given_as_graph_inputs(tmp_pat
     assert result.returncode == 0, result.stderr
     assert op_counts(onnx.load(str(folded))).get("BatchNormalization", 0) == 0
     assert [i.name for i in onnx.load(str(folded)).graph.input] == [i.name for i in onnx.load(str(source)).graph.input]
+
+
+# A model spec: `fold MODEL -o OUT`, `bench MODEL` -----------------------------------------
+
+SPEC_FILE = REPO / "tests" / "spec_models.py"
+
+
+@pytest.fixture
+def spec_weights(tmp_path):
+    """The spec's model with weights of its own (not the seeded ones), saved as a state dict, and the model."""
+    import spec_models
+
+    torch.manual_seed(7)
+    model = spec_models.randomise_batchnorm(spec_models.ConvNet(), seed=7).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    return tmp_path / "weights.pt", model
+
+
+@pytest.mark.parametrize("suffix", [".onnx", ".ts", ".pt2"])
+def test_fold_a_model_spec_to_each_format(spec_weights, tmp_path, suffix):
+    weights, model = spec_weights
+    out = tmp_path / f"folded{suffix}"
+    result = run_cli("fold", f"{SPEC_FILE}:make", "-o", out, "--weights", weights, "--input-shape", "1,3,16,16")
+    assert result.returncode == 0, result.stderr
+    assert "2 of 2 BatchNorm folded" in result.stdout and f"wrote {out}" in result.stdout
+    batchnorms, run = load_export(out)  # the file in its own runtime, ONNX Runtime with optimisations off
+    assert batchnorms == 0
+    batch = uniform_batch((3, 3, 16, 16), seed=4)  # a batch of 3: the batch axis stays dynamic
+    with torch.no_grad():
+        expected = model(torch.from_numpy(batch)).numpy()
+    assert max_error_in_scale(expected, run(batch)) <= 1e-4
+    if suffix == ".onnx":
+        (graph_input,) = onnx.load(str(out)).graph.input
+        assert graph_input.name == "images"  # forward's own name for its input
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, "weights.pt"])
+
+
+def test_fold_a_two_input_spec(tmp_path):
+    import onnxruntime as ort
+    import spec_models
+
+    out = tmp_path / "two.onnx"
+    result = run_cli("fold", f"{SPEC_FILE}:make_two_inputs", "-o", out,
+                     "--input-shape", "image=1,3,8,8", "--input-shape", "features=1,7")
+    assert result.returncode == 0, result.stderr
+    assert "2 of 2 BatchNorm folded" in result.stdout
+    # the spec's weights without --weights: the factory's own, drawn under the seed (--seed, default 0)
+    torch.manual_seed(0)
+    model = spec_models.make_two_inputs().eval()
+    image, features = uniform_batch((2, 3, 8, 8), seed=1), uniform_batch((2, 7), seed=2)
+    with torch.no_grad():
+        expected = model(torch.from_numpy(image), torch.from_numpy(features)).numpy()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    assert [i.name for i in session.get_inputs()] == ["image", "features"]
+    (got,) = session.run(None, {"image": image, "features": features})
+    assert max_error_in_scale(expected, got) <= 1e-4
+    assert "BatchNormalization" not in op_counts(onnx.load(str(out)))
+
+
+@pytest.mark.parametrize("args, fragments", [
+    ([f"{SPEC_FILE}:make", "--input-shape", "1,3,8,8"], ["-o", "model spec", ".onnx, .ts, .pt2"]),
+    ([f"{SPEC_FILE}:make", "-o", "out.pt", "--input-shape", "1,3,8,8"], ["-o", "model spec", "not out.pt"]),
+    ([f"{SPEC_FILE}:make", "--in-place", "--input-shape", "1,3,8,8"], ["--in-place", "model spec", "-o"]),
+    ([f"{SPEC_FILE}:make", "-o", "out.onnx"], ["--input-shape", "does not say what it takes", "1,3,224,224"]),
+    ([f"{SPEC_FILE}:make", "-o", "out.onnx", "--input-shape", "1,4,8,8"],
+     ["--input-shape images=1,4,8,8", "rejects it at conv1 (Conv2d)", "4 channels"]),
+    ([f"{SPEC_FILE}:make_two_inputs", "-o", "out.onnx", "--input-shape", "1,3,8,8"], ["--input-shape", "2 inputs", "NAME=DIMS"]),
+    ([f"{SPEC_FILE}:make_two_inputs", "-o", "out.onnx", "--input-shape", "image=1,3,8,8", "--input-shape", "x=1,7"],
+     ["--input-shape x=...", "no input 'x'"]),
+    ([f"{SPEC_FILE}:make", "-o", "out.onnx", "--input-shape", "1,3,8,8", "--weights", "two.pt"],
+     ["--weights two.pt does not fit", "missing keys", "unexpected keys"]),
+    (["torchvision:no_such_net", "-o", "out.onnx"], ["torchvision:no_such_net", "no model"]),
+    (["m.onnx", "-o", "out.onnx", "--weights", "two.pt"], ["--weights two.pt", "m.onnx is an ONNX file"]),
+])
+def test_fold_bad_spec_input_is_one_line(args, fragments, tmp_path, monkeypatch):
+    import spec_models
+    from fold.signatures import conv_bn_model
+
+    monkeypatch.chdir(tmp_path)
+    _save(conv_bn_model(), tmp_path / "m.onnx")
+    torch.save(spec_models.make_two_inputs().state_dict(), tmp_path / "two.pt")
+    assert_one_line_error(run_cli("fold", *args), *fragments)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "two.pt"]  # nothing written
+
+
+SPEC_RUNTIMES = ["eager unfolded", "eager folded", "TorchScript folded", *BENCH_ONNX_RUNTIMES]
+
+
+def test_bench_a_model_spec(spec_weights):
+    weights, _ = spec_weights
+    result = run_cli("bench", f"{SPEC_FILE}:make", "--weights", weights, "--input-shape", "1,3,16,16",
+                     "--min-seconds", "0.01", "--batch", "1", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["model"] == f"{SPEC_FILE}:make" and report["baseline"] == "eager unfolded"
+    assert [(t["name"], t["batch"]) for t in report["timings"]] == [(name, 1) for name in SPEC_RUNTIMES]
+    assert all(t["runs"] >= 10 and 0 < t["min_ms"] <= t["median_ms"] for t in report["timings"])
+    assert "notes" not in report
+
+
+def test_bench_a_spec_that_torchscript_cannot_script_or_with_two_inputs():
+    traced = run_cli("bench", f"{SPEC_FILE}:make_unscriptable", "--input-shape", "1,3,8,8", "--min-seconds", "0.01",
+                     "--batch", "1", "3", "--json")
+    assert traced.returncode == 0, traced.stderr
+    report = json.loads(traced.stdout)
+    assert [(t["name"], t["batch"]) for t in report["timings"]] == [(n, b) for b in (1, 3) for n in SPEC_RUNTIMES]
+    (note,) = report["notes"]
+    assert "not scriptable" in note and "traced" in note
+    two = run_cli("bench", f"{SPEC_FILE}:make_two_inputs", "--input-shape", "image=1,3,8,8", "--input-shape",
+                  "features=1,7", "--min-seconds", "0.01", "--batch", "2")
+    assert two.returncode == 0, two.stderr
+    assert all(name in two.stdout for name in SPEC_RUNTIMES)
+
+
+def test_bench_bad_spec_input_is_one_line(tmp_path):
+    from fold.signatures import conv_bn_model
+
+    onnx_file = _save(conv_bn_model(), tmp_path / "m.onnx")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "w.pt")
+    assert_one_line_error(run_cli("bench", onnx_file, "--weights", tmp_path / "w.pt"), "--weights", "m.onnx is an ONNX file")
+    assert_one_line_error(run_cli("bench", f"{SPEC_FILE}:make", "--input-shape", "1,5,8,8"),
+                          "rejects it at conv1 (Conv2d)")
+    assert_one_line_error(run_cli("bench", "nowhere.py:make"), "nowhere.py", "not found")
+    assert_one_line_error(run_cli("bench", "model:1"), "model:1", "not a model spec")

@@ -1,4 +1,4 @@
-"""BN health: dead channels and float16 range, on layers built to fail each check."""
+"""BN health: dead channels, float16 range and running-stat drift, on layers built to fail each check."""
 
 import numpy as np
 import pytest
@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from bnexport.model import ModelSpec, build_model
-from bnexport.viz.bn_params import GAMMA_DEAD, conv_before_each_bn, layer_health, model_health, plot_bn_parameters
+from bnexport.viz.bn_params import (GAMMA_DEAD, LayerHealth, by_severity, channels_to_show, conv_before_each_bn,
+                                    detail_layers, layer_health, model_health, plot_bn_parameters, with_drift)
 from bnexport.viz.common import PNG_DPI
 
 
@@ -79,3 +80,34 @@ def test_weights_already_too_small_for_float16_are_not_blamed_on_the_fold():
     with torch.no_grad():
         conv.weight.fill_(1e-9)  # 0 in float16 before any fold
     assert layer_health("bn", bn, conv).fp16_underflow == []
+
+
+def layer_with(name: str, *, gamma: float = 1.0, shift: float = 0.0) -> LayerHealth:
+    """A 4-channel BN (running mean 0, variance 1) whose channel 2 has γ=``gamma``, seen on a batch whose
+    channel 3 sits ``shift`` running σ off (variance unchanged)."""
+    bn = nn.BatchNorm2d(4).eval()
+    with torch.no_grad():
+        bn.weight[2] = gamma
+    mean = np.array([0.0, 0.0, 0.0, shift * np.sqrt(1 + bn.eps)])
+    return with_drift(layer_health(name, bn), mean, np.ones(4))
+
+
+def test_drift_severity_and_the_layers_drawn():
+    health = [layer_with("first", shift=0.1), layer_with("drifts", shift=3.0), layer_with("dead", gamma=0.0),
+              layer_with("calm", shift=0.5), layer_with("overflows", gamma=1e6), layer_with("last", shift=2.0)]
+    drifts = health[1]
+    assert drifts.mean_shift[3] == pytest.approx(3.0) and drifts.variance_ratio == pytest.approx([1.0] * 4)
+    assert drifts.drift == pytest.approx(3.0) and drifts.drifting == [3] and drifts.verdict == "drift"
+    assert health[0].healthy and health[0].drift == pytest.approx(0.1)
+    assert health[2].verdict == "dead" and health[4].verdict == "fp16 overflow"  # s = 1e6 > 65504 on its own
+    assert [h.name for h in by_severity(health)] == ["dead", "overflows", "drifts", "last", "calm", "first"]
+    assert detail_layers(health) == {"first": "first BN", "dead": "#1 by severity", "overflows": "#2 by severity",
+                                     "last": "last BN"}
+    assert detail_layers(health[:2]) == {"first": "#2 by severity, first BN", "drifts": "#1 by severity, last BN"}
+    assert channels_to_show(health[2], 2) == [0, 2] and channels_to_show(drifts, 3) == [0, 1, 3]
+
+
+def test_a_halved_variance_drifts_by_one():
+    bn = nn.BatchNorm2d(2).eval()
+    layer = with_drift(layer_health("bn", bn), np.zeros(2), np.array([1.0, (1 + bn.eps) / 2 - bn.eps]))
+    assert layer.variance_ratio[1] == pytest.approx(0.5) and layer.drift == pytest.approx(1.0)
