@@ -310,3 +310,36 @@ def test_a_model_torch_export_refuses_is_exported_without_pt2(tmp_path):
         count, run = load_export(out / name)
         assert count == batchnorms, name
         assert np.abs(run(*inputs) - expected).max() <= ATOL + RTOL * np.abs(expected).max(), name
+
+
+# Real architectures, big graphs: slow ---------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec, shape", [("torchvision:densenet121", "1,3,64,64"), ("timm:efficientnet_b0", "1,3,64,64")])
+def test_big_models_export_with_every_batchnorm_named_and_a_bounded_report(tmp_path, spec, shape):
+    if spec.startswith("timm:"):
+        pytest.importorskip("timm")
+    from bnexport.model_spec import load_model
+
+    result = run_cli("export", spec, "--input-shape", shape, "--out", tmp_path, "--quiet", "--no-bench")
+    assert result.returncode == 0, result.stderr
+    model = load_model(spec).module  # the same seed: the same random weights
+    modules = batchnorm_modules(model)
+    fold = read_json(tmp_path / "fold.json")
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    assert sum(n.op_type == "BatchNormalization" for n in graph.node) == len(fold["onnx"]["records"]) >= len(modules)
+    assert {r["module"] for r in fold["onnx"]["records"]} == set(modules)
+    folded = onnx.load(str(tmp_path / "model.folded.onnx")).graph
+    assert sum(n.op_type == "BatchNormalization" for n in folded.node) == fold["onnx"]["kept"]
+    page = (tmp_path / "report.html").read_text()
+    assert all(f">{name}<" in page for name in modules)  # one health row per BN module
+    from PIL import Image
+
+    with Image.open(tmp_path / "figures" / "graph_folding.png") as image:
+        assert max(image.size) <= 4000, image.size
+    inputs = (np.random.default_rng(5).standard_normal([2, *map(int, shape.split(",")[1:])]).astype(np.float32),)
+    reference = eager_output(model.eval(), inputs)
+    for name in ("model.folded.onnx", "model.folded.pt2"):
+        _, run = load_export(tmp_path / name)
+        got = run(*inputs)
+        assert np.abs(got - reference).max() <= ATOL + RTOL * np.abs(reference).max(), name
