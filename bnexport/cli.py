@@ -294,12 +294,15 @@ def cmd_export(args: argparse.Namespace) -> int:
     summary, parity, fold = export_model(loaded, shapes, args.out, seed=args.seed, tolerance=tolerance_from_args(args),
                                    figure_data=figures, figure_format=args.format, bench=not args.no_bench,
                                    progress=not args.quiet)
-    print(fold.table(limit=FOLD_TABLE_ROWS))
-    print()
-    print(parity.table())
-    print()
-    print(summary.table())
-    print(f"artifacts in {args.out}/ (manifest.json lists them)")
+    if args.json:
+        print_json({"summary": summary.to_json(), "parity": parity.to_json(), "fold": fold.to_json()})
+    else:
+        print(fold.table(limit=FOLD_TABLE_ROWS))
+        print()
+        print(parity.table())
+        print()
+        print(summary.table())
+        print(f"artifacts in {args.out}/ (manifest.json lists them)")
     return EXIT_OK if parity.passed else EXIT_CHECK_FAILED
 
 
@@ -512,7 +515,7 @@ COMMANDS = {
     "train": (cmd_train, [add_training_arguments, add_distributed_arguments]),
     "train-and-export": (cmd_train_and_export, [add_training_arguments, add_distributed_arguments, add_tolerance_arguments,
                                                add_comparison_arguments]),
-    "export": (cmd_export, [add_export_arguments, add_tolerance_arguments]),
+    "export": (cmd_export, [add_export_arguments, add_tolerance_arguments, add_json_argument]),
     "fold": (cmd_fold, [add_fold_arguments, add_check_arguments, add_tolerance_arguments]),
     "inspect": (cmd_inspect, [add_inspect_arguments, add_json_argument]),
     "parity": (cmd_parity, [add_parity_arguments, add_check_arguments, add_tolerance_arguments, add_json_argument]),

@@ -343,3 +343,15 @@ def test_big_models_export_with_every_batchnorm_named_and_a_bounded_report(tmp_p
         _, run = load_export(tmp_path / name)
         got = run(*inputs)
         assert np.abs(got - reference).max() <= ATOL + RTOL * np.abs(reference).max(), name
+
+
+def test_json_prints_what_the_files_hold(runs, tmp_path):
+    first = runs("two_inputs")
+    assert first.result.returncode == 0, first.result.stderr
+    result = run_cli(*command(first.case, first.weights, tmp_path / "out"), "--json")
+    assert result.returncode == 0, result.stderr
+    printed = json.loads(result.stdout)
+    assert printed["parity"] == read_json(tmp_path / "out" / "parity.json")
+    assert printed["fold"] == read_json(tmp_path / "out" / "fold.json")["onnx"]
+    written = read_json(tmp_path / "out" / "summary.json")
+    assert printed["summary"]["model"] == written["model"] and printed["summary"]["inputs"] == written["inputs"]
