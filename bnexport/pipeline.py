@@ -376,8 +376,9 @@ def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: P
     def keeping_output(name: str, runner):  # the parity figure needs every |Δ|, not only the summary
         def run(batch):
             result = runner(batch)
-            if isinstance(result, dict) and len(result) > 1:  # one entry per output, named as the parity results are
-                outputs.update({f"{name} [{key}]": np.asarray(value) for key, value in result.items()})
+            if isinstance(result, dict) and len(result) > 1:  # one entry per output, named as the parity results are:
+                # by position, as compare_outputs names them after eager's "output i" (ONNX Runtime's are output_i)
+                outputs.update({f"{name} [output {i}]": np.asarray(value) for i, value in enumerate(result.values())})
                 outputs.setdefault(name, np.asarray(next(iter(result.values()))))
             else:
                 outputs[name] = np.asarray(next(iter(result.values())) if isinstance(result, dict) else result)

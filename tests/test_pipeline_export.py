@@ -343,3 +343,26 @@ def test_big_models_export_with_every_batchnorm_named_and_a_bounded_report(tmp_p
         _, run = load_export(tmp_path / name)
         got = run(*inputs)
         assert np.abs(got - reference).max() <= ATOL + RTOL * np.abs(reference).max(), name
+
+
+def test_a_model_of_several_outputs_of_different_shapes_draws_each_against_its_own(tmp_path):
+    """(logits, {"features": map}): parity compares output i with the reference's output i, and so
+    must the parity figure, element by element."""
+    model = user_models.randomise_batchnorm(user_models.make_nested_output(), seed=5).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    out = tmp_path / "out"
+    result = run_cli("export", f"{USER_MODELS}:make_nested_output", "--weights", tmp_path / "weights.pt",
+                     "--input-shape", "1,3,6,6", "--out", out, "--quiet", "--no-bench")
+    assert result.returncode == 0, result.stderr
+    inputs = (np.random.default_rng(CHECK_SEED).standard_normal((CHECK_BATCH, 3, 6, 6), dtype=np.float32),)
+    with torch.no_grad():
+        logits, nested = model(torch.from_numpy(inputs[0]))
+    session = __import__("onnxruntime").InferenceSession(str(out / "model.folded.onnx"),
+                                                         providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: inputs[0]})
+    for expected, value in zip((logits.numpy(), nested["features"].numpy()), got):
+        assert value.shape == expected.shape
+        assert np.abs(value - expected).max() <= ATOL + RTOL * np.abs(expected).max()
+    names = [r["name"] for r in read_json(out / "parity.json")["results"]]
+    assert any(n.endswith("[output 1]") for n in names)
+    assert set(names) <= set(np.load(out / "parity_outputs.npz").files)  # each one in the parity figure
