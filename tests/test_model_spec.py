@@ -63,6 +63,8 @@ BAD = {
                                 ("make_raising() raised ValueError: no config for this model",)),
     "callable that returns no module": Bad((f"{USER_MODELS}:make_not_a_module",),
                                            ("make_not_a_module() returned dict, not a torch.nn.Module",)),
+    "model in half precision": Bad((f"{USER_MODELS}:make_half", *RESIDUAL_SHAPE),
+                                   ("make_half", "torch.float16", "float32", ".float()")),
     "callable not in the file": Bad((f"{USER_MODELS}:make_nothing",),
                                     ("has no 'make_nothing'", "it defines", "ResidualNet")),
     "weights with missing and unexpected keys": Bad(

@@ -126,6 +126,10 @@ def make_nested_output() -> nn.Module:
     return NestedOutputNet()
 
 
+def make_half() -> nn.Module:
+    return ResidualNet().half()
+
+
 def make_raising() -> nn.Module:
     raise ValueError("no config for this model")
 
