@@ -96,6 +96,15 @@ class RunSummary:
             **extra,
         }
 
+    def _folded_line(self) -> str:
+        """The ONNX fold's count against the BatchNormalization nodes it saw: a module called twice, or
+        never, makes the module count another number."""
+        nodes = self.onnx_ops.get(ARTIFACTS.onnx, {}).get("BatchNormalization")
+        if nodes is None or nodes == self.batchnorm_layers:
+            return f"{self.batchnorm_folded} of {self.batchnorm_layers}"
+        modules = f"{self.batchnorm_layers} BatchNorm module{'s' if self.batchnorm_layers != 1 else ''}"
+        return f"{self.batchnorm_folded} of {nodes} in {ARTIFACTS.onnx}, from {modules}"
+
     def table(self) -> str:
         rows = [("", "")]
         if self.model is not None:
@@ -111,7 +120,7 @@ class RunSummary:
         if self.test_accuracy is not None:
             rows.append(("test accuracy", f"{self.test_accuracy:.2%}"))
         if self.batchnorm_folded is not None:
-            rows.append(("BatchNorm folded", f"{self.batchnorm_folded} of {self.batchnorm_layers}"))
+            rows.append(("BatchNorm folded", self._folded_line()))
         if self.parity_passed is not None:
             rows.append(("parity", "pass" if self.parity_passed else "FAIL"))
         if self.bench:
