@@ -300,11 +300,18 @@ def _load_failure(err: Exception) -> str:
     return f"{type(err).__name__}: {first_line(err)}"
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and DataParallel; torch.compile
+
+
 def _without_wrapper_prefix(state: dict, expected: Mapping) -> dict:
-    """Drop the ``module.`` that DistributedDataParallel and DataParallel put before every key."""
-    prefix = "module."
-    if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
-        return {k[len(prefix):]: v for k, v in state.items()}
+    """Drop the prefix that a wrapper puts before every key (``WRAPPER_PREFIXES``), as often as it is
+    there: DDP around a compiled model saves ``module._orig_mod.``."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
+                state, stripped = {k[len(prefix):]: v for k, v in state.items()}, True
     return state
 
 

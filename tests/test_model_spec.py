@@ -116,3 +116,25 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, existing):
     result = run_cli("export", *args, "--out", out, "--quiet", "--no-bench")
     assert_one_line_error(result, *bad.fragments)
     assert folder_state(work) == before
+
+
+def prefixed(state: dict, prefix: str) -> dict:
+    return {prefix + key: value for key, value in state.items()}
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: prefixed(s, "module."),  # DistributedDataParallel, DataParallel
+    lambda s: prefixed(s, "_orig_mod."),  # torch.compile
+    lambda s: prefixed(s, "module._orig_mod."),  # DDP around a compiled model
+    lambda s: {"epoch": 3, "optimizer": {"lr": 0.1}, "arch": "residual",  # a training script's checkpoint
+               "state_dict": prefixed({k: v for k, v in s.items() if not k.endswith("num_batches_tracked")}, "module.")},
+], ids=["ddp", "compile", "ddp of compile", "checkpoint dict"])
+def test_weights_of_a_wrapped_model_fill_every_tensor(tmp_path, wrap):
+    from bnexport.model_spec import load_model
+
+    source = user_models.randomise_batchnorm(user_models.make_residual(), seed=4)
+    torch.save(wrap(source.state_dict()), tmp_path / "weights.pt")
+    loaded = load_model(RESIDUAL, weights=tmp_path / "weights.pt", seed=99)
+    for key, value in source.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(loaded.module.state_dict()[key], value), key
