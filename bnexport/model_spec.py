@@ -179,6 +179,21 @@ def _callable(spec: str, where: str, name: str):
 
 
 def _import_module(spec: str, dotted: str):
+    """Import ``dotted`` as ``python -m`` would, from the current folder too: the ``bnexport``
+    script puts its own folder on ``sys.path`` instead. The current folder goes last, so that an
+    installed package of the same name is still the one imported, and only for the import."""
+    here = str(Path.cwd())
+    added = not any(entry in ("", ".", here) for entry in sys.path)
+    if added:
+        sys.path.append(here)
+    try:
+        return _import_dotted(spec, dotted)
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
+
+
+def _import_dotted(spec: str, dotted: str):
     try:
         return importlib.import_module(dotted)
     except ModuleNotFoundError as err:

@@ -138,3 +138,16 @@ def test_weights_of_a_wrapped_model_fill_every_tensor(tmp_path, wrap):
     for key, value in source.state_dict().items():
         if not key.endswith("num_batches_tracked"):
             assert torch.equal(loaded.module.state_dict()[key], value), key
+
+
+def test_a_module_spec_is_found_in_the_folder_the_command_runs_in(tmp_path, monkeypatch):
+    """The `bnexport` script, unlike `python -m bnexport`, does not put the current folder on sys.path."""
+    from bnexport.model_spec import load_model
+
+    (tmp_path / "project_models_of_the_user").mkdir()
+    (tmp_path / "project_models_of_the_user" / "__init__.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
+    loaded = load_model("project_models_of_the_user:make")
+    assert [type(m).__name__ for m in loaded.module] == ["Conv2d", "BatchNorm2d"]
