@@ -209,7 +209,7 @@ def _import_file(spec: str, path: Path):
     and pickling find its classes, and with its folder on ``sys.path`` for its sibling imports."""
     if not path.is_file():
         raise BnexportError(f"{spec}: {path} not found")
-    module_name = f"bnexport_user_{path.stem}"
+    module_name = "bnexport_user_" + re.sub(r"[^0-9A-Za-z_]", "_", path.stem)  # TorchScript reads it back as an identifier
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:
         raise BnexportError(f"{spec}: {path} is not a Python file")

@@ -366,3 +366,21 @@ def test_a_model_of_several_outputs_of_different_shapes_draws_each_against_its_o
     names = [r["name"] for r in read_json(out / "parity.json")["results"]]
     assert any(n.endswith("[output 1]") for n in names)
     assert set(names) <= set(np.load(out / "parity_outputs.npz").files)  # each one in the parity figure
+
+
+@pytest.mark.parametrize("file_name", ["model (1).py", "my-model.py", "net&<b>.py"])
+def test_a_model_file_whose_name_is_no_python_identifier_is_exported(tmp_path, file_name):
+    """A downloaded `model (1).py`: the file's classes are named after a module of its own, which
+    TorchScript reads back by that name."""
+    source = tmp_path / file_name
+    shutil.copy(USER_MODELS, source)
+    model = user_models.randomise_batchnorm(user_models.make_residual(), seed=6).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    out = tmp_path / "out"
+    result = run_cli("export", f"{source}:make_residual", "--weights", tmp_path / "weights.pt",
+                     "--input-shape", "1,3,6,6", "--out", out, "--quiet", "--no-bench")
+    assert result.returncode == 0, result.stderr
+    inputs = (np.random.default_rng(CHECK_SEED).standard_normal((CHECK_BATCH, 3, 6, 6), dtype=np.float32),)
+    expected = eager_output(model, inputs)
+    count, run = load_export(out / "model.ts")
+    assert np.abs(run(*inputs) - expected).max() <= ATOL + RTOL * np.abs(expected).max()
