@@ -517,6 +517,8 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
     from .model_spec import run_checked, seeded_tensors
 
     seed = loaded.seed if seed is None else seed
+    out = Path(out)
+    _check_out_can_be_a_folder(out)
     model = loaded.module.eval()
     seconds: dict[str, float] = {}
     label = loaded.spec
@@ -538,10 +540,12 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
                     notes.append(f"{label} does not run at batch 2, so the exports keep the batch size fixed at {given_batch}")
         outputs = output_tensors(output)
         output_names = [OUTPUT_NAME] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
-        out = Path(out)
         made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]  # innermost first
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+        except OSError as err:
+            raise BnexportError(f"--out {out}: cannot write beside it ({err.strerror or err})") from None
     except BaseException:
         bar.close()  # before the error is printed, which the bar's line would garble
         raise
@@ -593,6 +597,15 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
                 except OSError:
                     break
     return summary, exports.parity, exports.onnx_fold
+
+
+def _check_out_can_be_a_folder(out: Path) -> None:
+    """Before any export: --out, or the nearest of its parents that exists, must be a folder."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise BnexportError(f"--out {out}: {folder} exists and is not a folder")
+            return
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -384,3 +384,15 @@ def test_a_model_file_whose_name_is_no_python_identifier_is_exported(tmp_path, f
     expected = eager_output(model, inputs)
     count, run = load_export(out / "model.ts")
     assert np.abs(run(*inputs) - expected).max() <= ATOL + RTOL * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("out_of", [lambda file: file, lambda file: file / "out"], ids=["a file", "under a file"])
+def test_an_out_that_cannot_be_a_folder_is_refused_before_any_export(tmp_path, out_of):
+    """make_eigenvalues fails in the ONNX exporters: an --out error instead says nothing was tried."""
+    file = tmp_path / "taken"
+    file.write_bytes(b"a file of the user's")
+    before = folder_state(tmp_path)
+    result = run_cli("export", f"{USER_MODELS}:make_eigenvalues", "--input-shape", "1,3,4,4", "--out", out_of(file),
+                     "--quiet", "--no-bench")
+    assert_one_line_error(result, f"--out {out_of(file)}", f"{file} exists and is not a folder")
+    assert folder_state(tmp_path) == before
