@@ -112,8 +112,7 @@ def load_model(spec: str, *, weights: str | Path | None = None, seed: int = DEFA
 def _check_float32(module: nn.Module, spec: str) -> None:
     """The check inputs, the exports and the fold are float32: a model in another precision would
     only fail later, at its first layer, with torch's dtype message."""
-    other = next((t.dtype for t in (*module.parameters(), *module.buffers())
-                  if t.is_floating_point() and t.dtype != torch.float32), None)
+    other = next((t.dtype for t in module.parameters() if t.is_floating_point() and t.dtype != torch.float32), None)
     if other is not None:
         raise BnexportError(f"{spec}: its weights are {other}; bnexport exports float32 models, "
                             "so return the model with .float() from the callable")
