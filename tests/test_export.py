@@ -134,3 +134,16 @@ def test_a_forward_of_star_args_is_exported_with_a_dynamic_batch(tmp_path):
     with torch.no_grad():
         assert torch.allclose(program.module()(x), model(x), atol=1e-5)
     assert onnx_batchnorms(to_onnx(model, (torch.randn(2, 3, 5, 5),), input_names=["input"])) == 1
+
+
+def test_a_model_torch_export_refuses_leaves_no_torch_log_on_stderr(tmp_path, capfd):
+    """torch's symbolic shapes log prints the traced graph, dozens of lines, before the exception
+    that bnexport turns into one line."""
+    import user_models
+    from bnexport.export.writers import export_program
+
+    with pytest.raises(Exception, match="data-dependent"):
+        export_program(user_models.make_data_dependent().eval(), (torch.randn(2, 3, 6, 6),), tmp_path / "model.pt2")
+    captured = capfd.readouterr()
+    assert "def forward" not in captured.err + captured.out
+    assert "Unable to find user code" not in captured.err

@@ -103,8 +103,9 @@ def export_program(module: torch.nn.Module, example, path: str | Path, *, dynami
     """
     import torch
 
-    program = torch.export.export(module.eval(), _as_tuple(example),
-                                  dynamic_shapes=batch_dims(example, module) if dynamic_batch else None)
+    with _torch_export_stderr_discarded():
+        program = torch.export.export(module.eval(), _as_tuple(example),
+                                      dynamic_shapes=batch_dims(example, module) if dynamic_batch else None)
     with atomic_path(path) as tmp:
         torch.export.save(program, str(tmp))
     return Path(path)
@@ -124,7 +125,7 @@ def to_onnx(module: torch.nn.Module, example, *, opset: int = DEFAULT_OPSET, inp
         input_names = [INPUT_NAME]
     options = dict(ONNX_EXPORT_OPTIONS)
     options.pop("external_data")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _torch_export_stderr_discarded():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module.eval(),
@@ -178,6 +179,17 @@ def drop_stack_traces(model: onnx.ModelProto) -> None:
     clean(model.graph.node)
     for function in model.functions:
         clean(function.node)
+
+
+@contextlib.contextmanager
+def _torch_export_stderr_discarded():
+    """Python's stderr to nowhere for the duration: on a branch on the data, torch.export prints the
+    partial graph to it and its symbolic shapes log warns there too, dozens of lines before the
+    exception that the caller reports in one line."""
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 @contextlib.contextmanager
