@@ -69,12 +69,26 @@ class LoadedModel:
             "seed": self.seed,
             "parameters": sum(p.numel() for p in self.module.parameters()),
             "inputs": list(self.input_names),
+            "folder": str(Path.cwd()),  # what a relative spec, --weights or --data path is relative to
         }
 
 
 def is_file_spec(text: str) -> bool:
     """A bnexport checkpoint: a spec that is an existing file (its weights come with it)."""
     return Path(text).is_file()
+
+
+def spec_from(folder: str | Path | None, spec: str) -> str:
+    """``spec`` as it reads from ``folder``: a relative file path in it (a checkpoint, a ``file.py``)
+    made absolute; any other spec as it is."""
+    if not folder:
+        return spec
+    head, colon, tail = spec.rpartition(":")
+    if colon and head.endswith(".py") and not Path(head).is_absolute():
+        return f"{Path(folder) / head}:{tail}"
+    if not colon and not Path(spec).is_absolute():
+        return str(Path(folder) / spec)
+    return spec
 
 
 def looks_like_spec(text: str) -> bool:

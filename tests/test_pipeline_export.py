@@ -396,3 +396,21 @@ def test_an_out_that_cannot_be_a_folder_is_refused_before_any_export(tmp_path, o
                      "--quiet", "--no-bench")
     assert_one_line_error(result, f"--out {out_of(file)}", f"{file} exists and is not a folder")
     assert folder_state(tmp_path) == before
+
+
+def test_visualize_redraws_an_export_run_of_relative_paths_from_another_folder(tmp_path, monkeypatch):
+    """`export models/net.py:make --weights w.pt --data samples.npy` in one folder, `visualize` in another."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "models").mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copy(USER_MODELS, project / "models" / "net.py")
+    torch.save(user_models.randomise_batchnorm(user_models.make_residual(), seed=8).state_dict(), project / "w.pt")
+    np.save(project / "samples.npy", np.random.default_rng(0).standard_normal((4, 3, 6, 6)).astype(np.float32))
+    monkeypatch.chdir(project)
+    exported = run_cli("export", "models/net.py:make_residual", "--weights", "w.pt", "--data", "samples.npy",
+                       "--input-shape", "1,3,6,6", "--out", project / "out", "--quiet", "--no-bench")
+    assert exported.returncode == 0, exported.stderr
+    monkeypatch.chdir(elsewhere)
+    redrawn = run_cli("visualize", "--out", project / "out")
+    assert redrawn.returncode == 0, redrawn.stderr
+    assert read_json(project / "out" / "summary.json")["model"]["spec"] == "models/net.py:make_residual"
