@@ -69,12 +69,26 @@ class LoadedModel:
             "seed": self.seed,
             "parameters": sum(p.numel() for p in self.module.parameters()),
             "inputs": list(self.input_names),
+            "folder": str(Path.cwd()),  # what a relative spec, --weights or --data path is relative to
         }
 
 
 def is_file_spec(text: str) -> bool:
     """A bnexport checkpoint: a spec that is an existing file (its weights come with it)."""
     return Path(text).is_file()
+
+
+def spec_from(folder: str | Path | None, spec: str) -> str:
+    """``spec`` as it reads from ``folder``: a relative file path in it (a checkpoint, a ``file.py``)
+    made absolute; any other spec as it is."""
+    if not folder:
+        return spec
+    head, colon, tail = spec.rpartition(":")
+    if colon and head.endswith(".py") and not Path(head).is_absolute():
+        return f"{Path(folder) / head}:{tail}"
+    if not colon and not Path(spec).is_absolute():
+        return str(Path(folder) / spec)
+    return spec
 
 
 def looks_like_spec(text: str) -> bool:
@@ -104,8 +118,18 @@ def load_model(spec: str, *, weights: str | Path | None = None, seed: int = DEFA
                          default_shapes=_default_shapes(module))
     if weights is not None:
         load_weights(module, weights, spec=spec)
+    _check_float32(module, spec)
     module.eval()
     return loaded
+
+
+def _check_float32(module: nn.Module, spec: str) -> None:
+    """The check inputs, the exports and the fold are float32: a model in another precision would
+    only fail later, at its first layer, with torch's dtype message."""
+    other = next((t.dtype for t in module.parameters() if t.is_floating_point() and t.dtype != torch.float32), None)
+    if other is not None:
+        raise BnexportError(f"{spec}: its weights are {other}; bnexport exports float32 models, "
+                            "so return the model with .float() from the callable")
 
 
 def _build(spec: str) -> nn.Module:
@@ -168,6 +192,21 @@ def _callable(spec: str, where: str, name: str):
 
 
 def _import_module(spec: str, dotted: str):
+    """Import ``dotted`` as ``python -m`` would, from the current folder too: the ``bnexport``
+    script puts its own folder on ``sys.path`` instead. The current folder goes last, so that an
+    installed package of the same name is still the one imported, and only for the import."""
+    here = str(Path.cwd())
+    added = not any(entry in ("", ".", here) for entry in sys.path)
+    if added:
+        sys.path.append(here)
+    try:
+        return _import_dotted(spec, dotted)
+    finally:
+        if added and here in sys.path:
+            sys.path.remove(here)
+
+
+def _import_dotted(spec: str, dotted: str):
     try:
         return importlib.import_module(dotted)
     except ModuleNotFoundError as err:
@@ -183,7 +222,7 @@ def _import_file(spec: str, path: Path):
     and pickling find its classes, and with its folder on ``sys.path`` for its sibling imports."""
     if not path.is_file():
         raise BnexportError(f"{spec}: {path} not found")
-    module_name = f"bnexport_user_{path.stem}"
+    module_name = "bnexport_user_" + re.sub(r"[^0-9A-Za-z_]", "_", path.stem)  # TorchScript reads it back as an identifier
     loader_spec = importlib.util.spec_from_file_location(module_name, path)
     if loader_spec is None or loader_spec.loader is None:
         raise BnexportError(f"{spec}: {path} is not a Python file")
@@ -289,11 +328,18 @@ def _load_failure(err: Exception) -> str:
     return f"{type(err).__name__}: {first_line(err)}"
 
 
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel and DataParallel; torch.compile
+
+
 def _without_wrapper_prefix(state: dict, expected: Mapping) -> dict:
-    """Drop the ``module.`` that DistributedDataParallel and DataParallel put before every key."""
-    prefix = "module."
-    if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
-        return {k[len(prefix):]: v for k, v in state.items()}
+    """Drop the prefix that a wrapper puts before every key (``WRAPPER_PREFIXES``), as often as it is
+    there: DDP around a compiled model saves ``module._orig_mod.``."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in WRAPPER_PREFIXES:
+            if state and all(k.startswith(prefix) for k in state) and not any(k.startswith(prefix) for k in expected):
+                state, stripped = {k[len(prefix):]: v for k, v in state.items()}, True
     return state
 
 

@@ -96,6 +96,15 @@ class RunSummary:
             **extra,
         }
 
+    def _folded_line(self) -> str:
+        """The ONNX fold's count against the BatchNormalization nodes it saw: a module called twice, or
+        never, makes the module count another number."""
+        nodes = self.onnx_ops.get(ARTIFACTS.onnx, {}).get("BatchNormalization")
+        if nodes is None or nodes == self.batchnorm_layers:
+            return f"{self.batchnorm_folded} of {self.batchnorm_layers}"
+        modules = f"{self.batchnorm_layers} BatchNorm module{'s' if self.batchnorm_layers != 1 else ''}"
+        return f"{self.batchnorm_folded} of {nodes} in {ARTIFACTS.onnx}, from {modules}"
+
     def table(self) -> str:
         rows = [("", "")]
         if self.model is not None:
@@ -111,7 +120,7 @@ class RunSummary:
         if self.test_accuracy is not None:
             rows.append(("test accuracy", f"{self.test_accuracy:.2%}"))
         if self.batchnorm_folded is not None:
-            rows.append(("BatchNorm folded", f"{self.batchnorm_folded} of {self.batchnorm_layers}"))
+            rows.append(("BatchNorm folded", self._folded_line()))
         if self.parity_passed is not None:
             rows.append(("parity", "pass" if self.parity_passed else "FAIL"))
         if self.bench:
@@ -376,8 +385,9 @@ def check_exports(model: torch.nn.Module, folded_module: torch.nn.Module, out: P
     def keeping_output(name: str, runner):  # the parity figure needs every |Δ|, not only the summary
         def run(batch):
             result = runner(batch)
-            if isinstance(result, dict) and len(result) > 1:  # one entry per output, named as the parity results are
-                outputs.update({f"{name} [{key}]": np.asarray(value) for key, value in result.items()})
+            if isinstance(result, dict) and len(result) > 1:  # one entry per output, named as the parity results are:
+                # by position, as compare_outputs names them after eager's "output i" (ONNX Runtime's are output_i)
+                outputs.update({f"{name} [output {i}]": np.asarray(value) for i, value in enumerate(result.values())})
                 outputs.setdefault(name, np.asarray(next(iter(result.values()))))
             else:
                 outputs[name] = np.asarray(next(iter(result.values())) if isinstance(result, dict) else result)
@@ -507,6 +517,8 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
     from .model_spec import run_checked, seeded_tensors
 
     seed = loaded.seed if seed is None else seed
+    out = Path(out)
+    _check_out_can_be_a_folder(out)
     model = loaded.module.eval()
     seconds: dict[str, float] = {}
     label = loaded.spec
@@ -528,10 +540,12 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
                     notes.append(f"{label} does not run at batch 2, so the exports keep the batch size fixed at {given_batch}")
         outputs = output_tensors(output)
         output_names = [OUTPUT_NAME] if len(outputs) == 1 else [f"output_{i}" for i in range(len(outputs))]
-        out = Path(out)
         made = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]  # innermost first
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.staging-"))
+        except OSError as err:
+            raise BnexportError(f"--out {out}: cannot write beside it ({err.strerror or err})") from None
     except BaseException:
         bar.close()  # before the error is printed, which the bar's line would garble
         raise
@@ -583,6 +597,15 @@ def export_model(loaded, shapes: dict[str, tuple[int, ...]], out: Path, *, seed:
                 except OSError:
                     break
     return summary, exports.parity, exports.onnx_fold
+
+
+def _check_out_can_be_a_folder(out: Path) -> None:
+    """Before any export: --out, or the nearest of its parents that exists, must be a folder."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise BnexportError(f"--out {out}: {folder} exists and is not a folder")
+            return
 
 
 def _publish(staging: Path, out: Path) -> None:

@@ -110,3 +110,40 @@ def test_onnx_export_drops_stack_traces_and_keeps_module_scopes():
     exported = to_onnx(model, example)
     assert STACK_TRACE not in keys(exported) and NAME_SCOPES in keys(exported)
     assert torch_sources not in exported.SerializeToString()
+
+
+class StarArgsNet(nn.Module):
+    """forward(*images): torch.export takes the example as one tuple for the one *args parameter."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, *images):
+        return self.bn(self.conv(images[0]))
+
+
+def test_a_forward_of_star_args_is_exported_with_a_dynamic_batch(tmp_path):
+    from bnexport.export.writers import export_program
+
+    model = StarArgsNet().eval()
+    export_program(model, (torch.randn(2, 3, 5, 5),), tmp_path / "model.pt2")
+    program = torch.export.load(str(tmp_path / "model.pt2"))
+    x = torch.randn(3, 3, 5, 5)
+    with torch.no_grad():
+        assert torch.allclose(program.module()(x), model(x), atol=1e-5)
+    assert onnx_batchnorms(to_onnx(model, (torch.randn(2, 3, 5, 5),), input_names=["input"])) == 1
+
+
+def test_a_model_torch_export_refuses_leaves_no_torch_log_on_stderr(tmp_path, capfd):
+    """torch's symbolic shapes log prints the traced graph, dozens of lines, before the exception
+    that bnexport turns into one line."""
+    import user_models
+    from bnexport.export.writers import export_program
+
+    with pytest.raises(Exception, match="data-dependent"):
+        export_program(user_models.make_data_dependent().eval(), (torch.randn(2, 3, 6, 6),), tmp_path / "model.pt2")
+    captured = capfd.readouterr()
+    assert "def forward" not in captured.err + captured.out
+    assert "Unable to find user code" not in captured.err

@@ -63,6 +63,8 @@ BAD = {
                                 ("make_raising() raised ValueError: no config for this model",)),
     "callable that returns no module": Bad((f"{USER_MODELS}:make_not_a_module",),
                                            ("make_not_a_module() returned dict, not a torch.nn.Module",)),
+    "model in half precision": Bad((f"{USER_MODELS}:make_half", *RESIDUAL_SHAPE),
+                                   ("make_half", "torch.float16", "float32", ".float()")),
     "callable not in the file": Bad((f"{USER_MODELS}:make_nothing",),
                                     ("has no 'make_nothing'", "it defines", "ResidualNet")),
     "weights with missing and unexpected keys": Bad(
@@ -114,3 +116,38 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case, existing):
     result = run_cli("export", *args, "--out", out, "--quiet", "--no-bench")
     assert_one_line_error(result, *bad.fragments)
     assert folder_state(work) == before
+
+
+def prefixed(state: dict, prefix: str) -> dict:
+    return {prefix + key: value for key, value in state.items()}
+
+
+@pytest.mark.parametrize("wrap", [
+    lambda s: prefixed(s, "module."),  # DistributedDataParallel, DataParallel
+    lambda s: prefixed(s, "_orig_mod."),  # torch.compile
+    lambda s: prefixed(s, "module._orig_mod."),  # DDP around a compiled model
+    lambda s: {"epoch": 3, "optimizer": {"lr": 0.1}, "arch": "residual",  # a training script's checkpoint
+               "state_dict": prefixed({k: v for k, v in s.items() if not k.endswith("num_batches_tracked")}, "module.")},
+], ids=["ddp", "compile", "ddp of compile", "checkpoint dict"])
+def test_weights_of_a_wrapped_model_fill_every_tensor(tmp_path, wrap):
+    from bnexport.model_spec import load_model
+
+    source = user_models.randomise_batchnorm(user_models.make_residual(), seed=4)
+    torch.save(wrap(source.state_dict()), tmp_path / "weights.pt")
+    loaded = load_model(RESIDUAL, weights=tmp_path / "weights.pt", seed=99)
+    for key, value in source.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(loaded.module.state_dict()[key], value), key
+
+
+def test_a_module_spec_is_found_in_the_folder_the_command_runs_in(tmp_path, monkeypatch):
+    """The `bnexport` script, unlike `python -m bnexport`, does not put the current folder on sys.path."""
+    from bnexport.model_spec import load_model
+
+    (tmp_path / "project_models_of_the_user").mkdir()
+    (tmp_path / "project_models_of_the_user" / "__init__.py").write_text(
+        "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", ".", str(tmp_path))])
+    loaded = load_model("project_models_of_the_user:make")
+    assert [type(m).__name__ for m in loaded.module] == ["Conv2d", "BatchNorm2d"]

@@ -120,3 +120,15 @@ def test_the_timing_reuses_the_sessions_parity_checked(tiny_export):
     kept, folded = (ort.InferenceSession(str(out / name), providers=["CPUExecutionProvider"])
                     for name in (ARTIFACTS.onnx, ARTIFACTS.onnx_folded))
     np.testing.assert_allclose(folded.run(None, {"x": x})[0], kept.run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("modules, nodes, folded, shown", [
+    (1, 2, 2, "2 of 2 in model.onnx, from 1 BatchNorm module"),  # one BN called twice
+    (2, 1, 1, "1 of 1 in model.onnx, from 2 BatchNorm modules"),  # a BN the forward never calls
+    (3, 3, 2, "2 of 3"),
+])
+def test_summary_counts_the_folded_batchnorms_against_the_graph_they_were_folded_in(modules, nodes, folded, shown):
+    summary = pipeline.RunSummary(batchnorm_layers=modules, batchnorm_folded=folded,
+                                  onnx_ops={ARTIFACTS.onnx: {"Conv": 1, "BatchNormalization": nodes}})
+    row = next(line for line in summary.table().splitlines() if line.startswith("BatchNorm folded"))
+    assert row.split(maxsplit=2)[2].strip() == shown

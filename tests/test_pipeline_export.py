@@ -355,3 +355,74 @@ def test_json_prints_what_the_files_hold(runs, tmp_path):
     assert printed["fold"] == read_json(tmp_path / "out" / "fold.json")["onnx"]
     written = read_json(tmp_path / "out" / "summary.json")
     assert printed["summary"]["model"] == written["model"] and printed["summary"]["inputs"] == written["inputs"]
+
+
+def test_a_model_of_several_outputs_of_different_shapes_draws_each_against_its_own(tmp_path):
+    """(logits, {"features": map}): parity compares output i with the reference's output i, and so
+    must the parity figure, element by element."""
+    model = user_models.randomise_batchnorm(user_models.make_nested_output(), seed=5).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    out = tmp_path / "out"
+    result = run_cli("export", f"{USER_MODELS}:make_nested_output", "--weights", tmp_path / "weights.pt",
+                     "--input-shape", "1,3,6,6", "--out", out, "--quiet", "--no-bench")
+    assert result.returncode == 0, result.stderr
+    inputs = (np.random.default_rng(CHECK_SEED).standard_normal((CHECK_BATCH, 3, 6, 6), dtype=np.float32),)
+    with torch.no_grad():
+        logits, nested = model(torch.from_numpy(inputs[0]))
+    session = __import__("onnxruntime").InferenceSession(str(out / "model.folded.onnx"),
+                                                         providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: inputs[0]})
+    for expected, value in zip((logits.numpy(), nested["features"].numpy()), got):
+        assert value.shape == expected.shape
+        assert np.abs(value - expected).max() <= ATOL + RTOL * np.abs(expected).max()
+    names = [r["name"] for r in read_json(out / "parity.json")["results"]]
+    assert any(n.endswith("[output 1]") for n in names)
+    assert set(names) <= set(np.load(out / "parity_outputs.npz").files)  # each one in the parity figure
+
+
+@pytest.mark.parametrize("file_name", ["model (1).py", "my-model.py", "net&<b>.py"])
+def test_a_model_file_whose_name_is_no_python_identifier_is_exported(tmp_path, file_name):
+    """A downloaded `model (1).py`: the file's classes are named after a module of its own, which
+    TorchScript reads back by that name."""
+    source = tmp_path / file_name
+    shutil.copy(USER_MODELS, source)
+    model = user_models.randomise_batchnorm(user_models.make_residual(), seed=6).eval()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    out = tmp_path / "out"
+    result = run_cli("export", f"{source}:make_residual", "--weights", tmp_path / "weights.pt",
+                     "--input-shape", "1,3,6,6", "--out", out, "--quiet", "--no-bench")
+    assert result.returncode == 0, result.stderr
+    inputs = (np.random.default_rng(CHECK_SEED).standard_normal((CHECK_BATCH, 3, 6, 6), dtype=np.float32),)
+    expected = eager_output(model, inputs)
+    count, run = load_export(out / "model.ts")
+    assert np.abs(run(*inputs) - expected).max() <= ATOL + RTOL * np.abs(expected).max()
+
+
+@pytest.mark.parametrize("out_of", [lambda file: file, lambda file: file / "out"], ids=["a file", "under a file"])
+def test_an_out_that_cannot_be_a_folder_is_refused_before_any_export(tmp_path, out_of):
+    """make_eigenvalues fails in the ONNX exporters: an --out error instead says nothing was tried."""
+    file = tmp_path / "taken"
+    file.write_bytes(b"a file of the user's")
+    before = folder_state(tmp_path)
+    result = run_cli("export", f"{USER_MODELS}:make_eigenvalues", "--input-shape", "1,3,4,4", "--out", out_of(file),
+                     "--quiet", "--no-bench")
+    assert_one_line_error(result, f"--out {out_of(file)}", f"{file} exists and is not a folder")
+    assert folder_state(tmp_path) == before
+
+
+def test_visualize_redraws_an_export_run_of_relative_paths_from_another_folder(tmp_path, monkeypatch):
+    """`export models/net.py:make --weights w.pt --data samples.npy` in one folder, `visualize` in another."""
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    (project / "models").mkdir(parents=True)
+    elsewhere.mkdir()
+    shutil.copy(USER_MODELS, project / "models" / "net.py")
+    torch.save(user_models.randomise_batchnorm(user_models.make_residual(), seed=8).state_dict(), project / "w.pt")
+    np.save(project / "samples.npy", np.random.default_rng(0).standard_normal((4, 3, 6, 6)).astype(np.float32))
+    monkeypatch.chdir(project)
+    exported = run_cli("export", "models/net.py:make_residual", "--weights", "w.pt", "--data", "samples.npy",
+                       "--input-shape", "1,3,6,6", "--out", project / "out", "--quiet", "--no-bench")
+    assert exported.returncode == 0, exported.stderr
+    monkeypatch.chdir(elsewhere)
+    redrawn = run_cli("visualize", "--out", project / "out")
+    assert redrawn.returncode == 0, redrawn.stderr
+    assert read_json(project / "out" / "summary.json")["model"]["spec"] == "models/net.py:make_residual"

@@ -93,6 +93,19 @@ class DataDependentNet(nn.Module):
         return torch.flatten(x, 1)
 
 
+class NestedOutputNet(nn.Module):
+    """Returns pooled logits and a dict holding the feature map: outputs of different shapes, nested."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, images: torch.Tensor):
+        features = F.relu(self.bn(self.conv(images)))
+        return features.mean((2, 3)), {"features": features}
+
+
 def make_residual() -> nn.Module:
     return ResidualNet()
 
@@ -107,6 +120,14 @@ def make_eigenvalues() -> nn.Module:
 
 def make_data_dependent() -> nn.Module:
     return DataDependentNet()
+
+
+def make_nested_output() -> nn.Module:
+    return NestedOutputNet()
+
+
+def make_half() -> nn.Module:
+    return ResidualNet().half()
 
 
 def make_raising() -> nn.Module:

@@ -75,12 +75,25 @@ def export_torchscript(module: torch.nn.Module, path: str | Path, *, example=Non
     return how
 
 
-def batch_dims(example) -> tuple[dict, ...]:
-    """The first dim of every input, dynamic, named ``batch``: by position, whatever forward calls them."""
+def batch_dims(example, module=None) -> tuple:
+    """The first dim of every input, dynamic, named ``batch``: by position, whatever forward calls them.
+    The inputs that ``module``'s forward takes as ``*args`` are one tuple to torch.export, so their
+    dims are too."""
+    import inspect
+
     import torch
 
     batch = torch.export.Dim("batch", min=1)
-    return tuple({0: batch} for _ in _as_tuple(example))
+    dims = tuple({0: batch} for _ in _as_tuple(example))
+    try:
+        parameters = list(inspect.signature(module.forward).parameters.values()) if module is not None else []
+    except (TypeError, ValueError):
+        parameters = []
+    kinds = [p.kind for p in parameters]
+    if inspect.Parameter.VAR_POSITIONAL in kinds:
+        named = kinds.index(inspect.Parameter.VAR_POSITIONAL)
+        return (*dims[:named], dims[named:])
+    return dims
 
 
 def export_program(module: torch.nn.Module, example, path: str | Path, *, dynamic_batch: bool = True) -> Path:
@@ -90,8 +103,9 @@ def export_program(module: torch.nn.Module, example, path: str | Path, *, dynami
     """
     import torch
 
-    program = torch.export.export(module.eval(), _as_tuple(example),
-                                  dynamic_shapes=batch_dims(example) if dynamic_batch else None)
+    with _torch_export_stderr_discarded():
+        program = torch.export.export(module.eval(), _as_tuple(example),
+                                      dynamic_shapes=batch_dims(example, module) if dynamic_batch else None)
     with atomic_path(path) as tmp:
         torch.export.save(program, str(tmp))
     return Path(path)
@@ -111,14 +125,14 @@ def to_onnx(module: torch.nn.Module, example, *, opset: int = DEFAULT_OPSET, inp
         input_names = [INPUT_NAME]
     options = dict(ONNX_EXPORT_OPTIONS)
     options.pop("external_data")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _torch_export_stderr_discarded():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             module.eval(),
             example,
             input_names=input_names,
             output_names=output_names if output_names is not None else [OUTPUT_NAME],
-            dynamic_shapes=batch_dims(example) if dynamic_batch else None,
+            dynamic_shapes=batch_dims(example, module) if dynamic_batch else None,
             opset_version=opset,
             verbose=False,
             **options,
@@ -165,6 +179,17 @@ def drop_stack_traces(model: onnx.ModelProto) -> None:
     clean(model.graph.node)
     for function in model.functions:
         clean(function.node)
+
+
+@contextlib.contextmanager
+def _torch_export_stderr_discarded():
+    """Python's stderr to nowhere for the duration: on a branch on the data, torch.export prints the
+    partial graph to it and its symbolic shapes log warns there too, dozens of lines before the
+    exception that the caller reports in one line."""
+    import io
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 @contextlib.contextmanager

@@ -25,11 +25,13 @@ class Comparison:
 
 def comparisons_from_outputs(parity: dict, outputs: dict[str, np.ndarray]) -> list[Comparison]:
     """Join parity.json's verdicts and thresholds with the raw outputs of parity_outputs.npz."""
-    reference = np.asarray(outputs["reference"], dtype=np.float64)
     found = []
     for result in parity["results"]:
         if result["name"] not in outputs:
             continue
+        # several outputs: "NAME [output i]" against "reference [output i]", not against output 0
+        output = result["name"][result["name"].rfind(" ["):] if result["name"].endswith("]") else ""
+        reference = np.asarray(outputs.get(f"reference{output}", outputs["reference"]), dtype=np.float64)
         diff = np.abs(np.asarray(outputs[result["name"]], dtype=np.float64) - reference).ravel()
         threshold = result["atol"] + result["rtol"] * result["scale"]
         found.append(Comparison(result["name"], diff, threshold, bool(result["passed"])))

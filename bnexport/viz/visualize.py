@@ -158,23 +158,29 @@ def read_export_inputs(out: str | Path) -> VisualizeInputs:
     figure samples read again."""
     from ..artifacts import sha256_file
     from ..data import load_figure_data
-    from ..model_spec import load_model
+    from ..model_spec import load_model, spec_from
 
     out = Path(out)
     summary = read_json(out / ARTIFACTS.summary)
     described, inputs = summary.get("model") or {}, summary.get("inputs") or {}
     if not described.get("spec") or not inputs:
         raise BnexportError(f"{out / ARTIFACTS.summary}: no model spec or inputs; it is not from `bnexport export`")
-    weights = described.get("weights")
+    folder = described.get("folder")  # where export ran: its relative paths are relative to it
+
+    def there(path: str | None) -> str | None:
+        return str(Path(folder) / path) if folder and path and not Path(path).is_absolute() else path
+
+    weights = there(described.get("weights"))
     if weights and described.get("weights_sha256") and Path(weights).is_file() \
             and sha256_file(weights) != described["weights_sha256"]:
         raise BnexportError(f"{weights}: changed since `bnexport export` wrote {out}; export again")
-    loaded = load_model(described["spec"], weights=weights, seed=described.get("seed", DEFAULT_SEED))
+    loaded = load_model(spec_from(folder, described["spec"]), weights=weights,
+                        seed=described.get("seed", DEFAULT_SEED))
     shapes = {name: tuple(shape) for name, shape in inputs.items()}
     source = summary.get("figure_source") or {}
-    figures = load_figure_data(shapes, data=source.get("data"), dataset=source.get("dataset"),
+    figures = load_figure_data(shapes, data=there(source.get("data")), dataset=source.get("dataset"),
                                seed=source.get("seed", loaded.seed), size=source.get("size", FIGURE_SAMPLES),
-                               data_root=source.get("data_root", "data"))
+                               data_root=there(source.get("data_root", "data")))
     results = read_results(out, hint=f"run `bnexport export {described['spec']} --out {out}` again")
     return VisualizeInputs(model=loaded.module, figure_inputs=figures.inputs, figure_data=figures.description,
                            synthetic=figures.synthetic, **results)

@@ -527,3 +527,13 @@ def test_bench_bad_spec_input_is_one_line(tmp_path):
                           "rejects it at conv1 (Conv2d)")
     assert_one_line_error(run_cli("bench", "nowhere.py:make"), "nowhere.py", "not found")
     assert_one_line_error(run_cli("bench", "model:1"), "model:1", "not a model spec")
+
+
+def test_fold_of_a_spec_torch_export_refuses_is_one_line(tmp_path):
+    """A branch on the data: torch.export prints its partial graph before raising; the command says one line."""
+    import user_models
+
+    spec = f"{user_models.__file__}:make_data_dependent"
+    result = run_cli("fold", spec, "--input-shape", "1,3,6,6", "-o", tmp_path / "folded.pt2")
+    assert_one_line_error(result, spec, "torch.export cannot export it")
+    assert not list(tmp_path.iterdir())

@@ -123,3 +123,17 @@ def test_parity_comparisons_and_figure(tmp_path):
     assert found[0].abs_diff.max() == 0.0 and found[1].abs_diff.min() == pytest.approx(1e-3)
     assert found[1].threshold == pytest.approx(1e-5 + 1e-4 * 5.0)
     png_size(parity.plot_parity(found, tmp_path / "p.png"))
+
+
+def test_parity_comparisons_of_several_outputs_take_the_reference_of_the_same_output():
+    logits, features = np.arange(8.0).reshape(2, 4), np.arange(32.0).reshape(2, 4, 2, 2)
+    outputs = {"reference": logits, "reference [output 0]": logits, "reference [output 1]": features,
+               "ort [output 0]": logits + 1e-3, "ort [output 1]": features + 2e-3}
+    report = {"results": [
+        {"name": "ort [output 0]", "atol": 1e-5, "rtol": 1e-4, "scale": 7.0, "passed": False},
+        {"name": "ort [output 1]", "atol": 1e-5, "rtol": 1e-4, "scale": 31.0, "passed": False},
+    ]}
+    found = parity.comparisons_from_outputs(report, outputs)
+    assert [c.abs_diff.size for c in found] == [8, 32]
+    assert found[0].abs_diff == pytest.approx(np.full(8, 1e-3))
+    assert found[1].abs_diff == pytest.approx(np.full(32, 2e-3))
