@@ -8,7 +8,8 @@ A tensor is a constant when its value cannot change between runs:
 - the output of a node of ``CONSTANT_OPS`` whose own inputs are constants: Constant, and the
   small subgraphs exporters write for a weight or a bias (Identity for TorchScript's
   deduplicated initializers, the Shape → Expand → CastLike zero bias of the dynamo exporter,
-  ConstantOfShape for the model zoo's weights);
+  ConstantOfShape for the model zoo's weights, and the TorchScript exporter's Shape → Gather → Mul
+  → Sub → ConstantOfShape → Concat → Reshape → Slice → Transpose → Cast chain for a Pad's amounts);
 - a name that a subgraph (If, Loop or Scan body) reads from an enclosing graph, when it is a
   constant there. Subgraphs read outer names implicitly: they appear in none of the node's
   inputs, so ``outer_reads`` finds them and the node that owns the subgraph counts as their reader.
@@ -27,7 +28,7 @@ from onnx import helper, numpy_helper
 # Ops that compute a constant from constants; followed when looking for a weight or bias,
 # and dropped once a fold leaves them unread.
 CONSTANT_OPS = {"Constant", "Identity", "Shape", "Expand", "CastLike", "Cast", "ConstantOfShape",
-                "Concat", "Reshape", "Unsqueeze", "Squeeze", "Gather", "Transpose"}
+                "Concat", "Reshape", "Unsqueeze", "Squeeze", "Gather", "Transpose", "Mul", "Sub", "Slice"}
 
 ONNX_DOMAINS = ("", "ai.onnx")
 
@@ -328,9 +329,31 @@ def _evaluate_constant_node(index: GraphIndex, node: onnx.NodeProto) -> np.ndarr
         return np.squeeze(inputs[0], None if axes is None else tuple(int(a) for a in axes))
     if op == "Gather":
         return np.take(inputs[0], inputs[1], axis=attribute(node, "axis", 0))
+    if op == "Mul":
+        return np.multiply(inputs[0], inputs[1])
+    if op == "Sub":
+        return np.subtract(inputs[0], inputs[1])
+    if op == "Slice":
+        return _slice(node, inputs)
     # Transpose, the last of CONSTANT_OPS (``_evaluate`` passes no other op; a test holds every
     # op of CONSTANT_OPS to ONNX Runtime): the TorchScript exporter's bias-less Linear, MatMul(x, Transpose(W))
     return np.transpose(inputs[0], attribute(node, "perm", None))
+
+
+def _slice(node: onnx.NodeProto, inputs: list[np.ndarray | None]) -> np.ndarray:
+    """Slice-1 (attributes) or Slice-10+ (inputs); ONNX clamps out-of-range bounds as Python slices do."""
+    data = inputs[0]
+    if len(inputs) > 1:
+        starts, ends = inputs[1], inputs[2]
+        axes = inputs[3] if len(inputs) > 3 and inputs[3] is not None else range(len(starts))
+        steps = inputs[4] if len(inputs) > 4 and inputs[4] is not None else [1] * len(starts)
+    else:
+        starts, ends = attribute(node, "starts", []), attribute(node, "ends", [])
+        axes, steps = attribute(node, "axes", range(len(starts))), [1] * len(starts)
+    index = [slice(None)] * data.ndim
+    for start, end, axis, step in zip(starts, ends, axes, steps, strict=True):
+        index[int(axis)] = slice(int(start), int(end), int(step))
+    return data[tuple(index)].copy()
 
 
 def copy_without_initializers(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -8,6 +8,10 @@ Patterns, each exact in eval mode:
   constant c becomes c · s + t.
 - BN → Conv with zero pads, BN → Gemm, BN → MatMul → Add(constant) on a 2-D tensor: the BN
   is folded into the layer after it (``maths.fold_into_input_channels``).
+- BN → Pad(reflect, edge or wrap, spatial axes only) → Conv with zero pads: these modes copy
+  normalised values, and a copy of x·s + t is the copy of x scaled and shifted, so the BN
+  commutes with the Pad and folds into the Conv as above. The Pad then reads the BN's input.
+  Constant padding writes a value the BN never shifted, so it is kept (``zero_padding``).
 
 Every graph is folded: the main graph, and the bodies of If, Loop and Scan at any depth,
 whose weights may live in an enclosing graph (``onnx_graph`` says what counts as a constant).
@@ -197,9 +201,10 @@ class GraphFolder:
             holder.index.written[name] = tensor
         _overwrite(tensor, name, array)
 
-    def remove_bn(self, bn: onnx.NodeProto, *, absorbed_by: onnx.NodeProto, after: bool) -> None:
+    def remove_bn(self, bn: onnx.NodeProto, *, absorbed_by: onnx.NodeProto, after: bool,
+                  through: onnx.NodeProto | None = None) -> None:
         """Take the BN out of the graph; its output is now produced by ``absorbed_by`` (after) or
-        its input read by ``absorbed_by`` (before)."""
+        its input read by ``absorbed_by`` (before), or by ``through``, the Pad between them."""
         index = self.index
         if after:  # layer → BN: the layer writes the BN's output name
             old_output = absorbed_by.output[0]
@@ -209,15 +214,16 @@ class GraphFolder:
             index.producer[bn.output[0]] = absorbed_by
             index.producer.pop(old_output, None)
         else:  # BN → layer: the layer reads the BN's input
-            position = list(absorbed_by.input).index(bn.output[0])
-            index.replace_input(absorbed_by, position, bn.input[0])
+            data_reader = through if through is not None else absorbed_by
+            position = list(data_reader.input).index(bn.output[0])
+            index.replace_input(data_reader, position, bn.input[0])
             for reader in index.metadata_readers(bn.output[0]):
                 index.replace_input(reader, list(reader.input).index(bn.output[0]), bn.input[0])
             index.producer.pop(bn.output[0], None)
         for name in bn.input:
             if name:
                 _remove_by_identity(index.readers.get(name, []), bn)
-        _note(absorbed_by, f"{ABSORBED_PREFIX} '{node_label(bn)}'")
+        _note(absorbed_by, f"{ABSORBED_PREFIX} '{node_label(bn)}'" + (" (through a Pad)" if through is not None else ""))
         self.removed[id(bn)] = bn
 
     # the patterns -------------------------------------------------------------------------
@@ -385,6 +391,8 @@ class GraphFolder:
                 return Kept("multiple_consumers", "its output feeds several nodes")
             return Kept("no_linear_neighbour", "its output is unused")
         layer = readers[0]
+        if layer.op_type == "Pad" and layer.domain in ONNX_DOMAINS and layer.input[0] == bn.output[0]:
+            return self._fold_bn_then_pad_conv(bn, layer, scale, shift)
         if layer.op_type not in ("Conv", "Gemm", "MatMul", "ConvTranspose") or layer.domain not in ONNX_DOMAINS:
             return Kept("no_linear_neighbour", f"its output goes to {layer.op_type}, not Conv, Gemm or MatMul")
         if bn.output[0] not in layer.input or list(layer.input).index(bn.output[0]) != 0:
@@ -414,7 +422,70 @@ class GraphFolder:
             return Kept("dtype", f"the {layer.op_type}'s weight has dtype {weight.dtype}")
         return weight, bias
 
-    def _fold_bn_then_conv(self, bn, conv, scale, shift) -> Kept | onnx.NodeProto:
+    def _fold_bn_then_pad_conv(self, bn, pad, scale, shift) -> Kept | onnx.NodeProto:
+        """BN → Pad → Conv: the Pad must copy values (reflect, edge, wrap) along spatial axes only."""
+        index = self.index
+        mode = attribute(pad, "mode", b"constant")
+        mode = mode.decode() if isinstance(mode, bytes) else mode
+        if mode == "constant":
+            return Kept("zero_padding", "it precedes a constant Pad before a Conv: the padded border is not shifted, "
+                                        "so the fold is inexact")
+        if mode not in ("reflect", "edge", "wrap"):
+            return Kept("unsupported_layer", f"it precedes a Pad of mode '{mode}', which this fold does not know")
+        amounts = self._pad_amounts(pad)
+        if isinstance(amounts, Kept):
+            return amounts
+        if pad.output[0] in index.graph_outputs:
+            return Kept("graph_output", "the Pad after it is a graph output")
+        metadata = index.metadata_readers(pad.output[0])  # the Pad's output keeps its shape and type
+        readers = [r for r in index.readers.get(pad.output[0], []) if not any(r is m for m in metadata)]
+        if len(readers) != 1:
+            return Kept("multiple_consumers" if readers else "no_linear_neighbour",
+                        "the Pad after it feeds several nodes" if readers else "the Pad after it is unused")
+        conv = readers[0]
+        if conv.op_type != "Conv" or conv.domain not in ONNX_DOMAINS or list(conv.input).index(pad.output[0]) != 0:
+            return Kept("no_linear_neighbour", f"it goes through a Pad to {conv.op_type}, not to a Conv's data input")
+        weight_name = conv.input[1] if len(conv.input) > 1 else ""
+        weight = index.constant(weight_name)
+        rank = weight.ndim if weight is not None else index.rank(bn.output[0])
+        if rank is None:
+            return Kept("shape_mismatch", "the rank of the padded tensor is unknown")
+        begins, ends = amounts
+        axes = self._pad_axes(pad, rank, len(begins))
+        if isinstance(axes, Kept):
+            return axes
+        if any(axis in (0, 1) and (b or e) for axis, b, e in zip(axes, begins, ends)):
+            return Kept("shape_mismatch", "the Pad after it pads the batch or channel axis, so channels do not line up")
+        return self._fold_bn_then_conv(bn, conv, scale, shift, through=pad)
+
+    def _pad_amounts(self, pad: onnx.NodeProto) -> tuple[list[int], list[int]] | Kept:
+        """(begins, ends) of a Pad: the ``pads`` (or Pad-1's ``paddings``) attribute, or a constant input (Pad-11+)."""
+        index = self.index
+        if len(pad.input) > 1 and pad.input[1]:
+            if index.is_overridable(pad.input[1]):
+                return Kept("overridable_input", "the Pad's amounts are also a graph input, which a caller may override")
+            value = index.constant(pad.input[1])
+            if value is None:
+                return Kept("not_constant", "the Pad's amounts after it are not a constant")
+            pads = [int(v) for v in value.reshape(-1)]
+        else:
+            pads = attribute(pad, "pads", None)
+            pads = list(attribute(pad, "paddings", []) if pads is None else pads)
+        half = len(pads) // 2
+        return pads[:half], pads[half:]
+
+    def _pad_axes(self, pad: onnx.NodeProto, rank: int, count: int) -> list[int] | Kept:
+        """The axes the Pad's amounts apply to: its ``axes`` input (Pad-18+), else every axis in order."""
+        if len(pad.input) < 4 or not pad.input[3]:
+            return list(range(count))
+        if self.index.is_overridable(pad.input[3]):
+            return Kept("overridable_input", "the Pad's axes are also a graph input, which a caller may override")
+        axes = self.index.constant(pad.input[3])
+        if axes is None:
+            return Kept("not_constant", "the Pad's axes after it are not a constant")
+        return [int(a) % rank for a in axes.reshape(-1)]
+
+    def _fold_bn_then_conv(self, bn, conv, scale, shift, *, through=None) -> Kept | onnx.NodeProto:
         pads = attribute(conv, "pads", [])
         auto_pad = attribute(conv, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
@@ -435,7 +506,7 @@ class GraphFolder:
         new_bias = added if bias is None else bias.astype(np.float64) + added
         self.store(conv, 1, new_weight, dtype=weight.dtype)
         self.store(conv, 2, new_bias, dtype=weight.dtype)
-        self.remove_bn(bn, absorbed_by=conv, after=False)
+        self.remove_bn(bn, absorbed_by=conv, after=False, through=through)
         return conv
 
     def _fold_bn_then_gemm(self, bn, gemm, scale, shift) -> Kept | onnx.NodeProto:

@@ -34,6 +34,11 @@ CASES = {
     "Squeeze": ({"w": W[:, :1], "axes": np.array([1], np.int64)}, {}),
     "Gather": ({"w": W, "idx": np.array([2, 0], np.int64)}, {"axis": 1}),
     "Transpose": ({"w": W}, {"perm": [2, 0, 1]}),
+    "Mul": ({"a": np.array([2], np.int64), "b": np.array([4, -3], np.int64)}, {}),
+    "Sub": ({"a": W, "b": W[:1]}, {}),
+    # the TorchScript exporter's reversal of a Pad's amounts: out-of-range bounds clamp, a negative step walks back
+    "Slice": ({"w": W, "starts": np.array([-1, 1], np.int64), "ends": np.array([-(2 ** 63) + 1, 99], np.int64),
+               "axes": np.array([0, -1], np.int64), "steps": np.array([-1, 2], np.int64)}, {}),
 }
 
 
