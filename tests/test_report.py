@@ -1,7 +1,6 @@
 """report.html and the visualize command, through the real command; the report in a real browser."""
 
 import shutil
-from html.parser import HTMLParser
 
 import numpy as np
 import onnx
@@ -11,52 +10,10 @@ import torch
 from bnexport.config import ARTIFACTS
 from browser import chromium_page
 from conftest import assert_one_line_error, read_json, run_cli
+from report_page import parse
 
 FIGURES = ["bn_layer_histograms", "bn_layer_channels", "bn_parameters", "bn_running_stats", "activations",
            "training_curves", "graph_folding", "parity"]
-
-
-class Tables(HTMLParser):
-    """Rows of each table by its class, and every img src."""
-
-    def __init__(self):
-        super().__init__()
-        self.tables: dict[str, list[list[str]]] = {}
-        self.images: list[str] = []
-        self._table = None
-        self._row = None
-        self._cell = None
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "table":
-            self._table = self.tables.setdefault(attrs.get("class", ""), [])
-        elif tag == "tr" and self._table is not None:
-            self._row = []
-        elif tag in ("td", "th") and self._row is not None:
-            self._cell = ""
-        elif tag == "img":
-            self.images.append(attrs["src"])
-
-    def handle_endtag(self, tag):
-        if tag in ("td", "th") and self._cell is not None:
-            self._row.append(self._cell.strip())
-            self._cell = None
-        elif tag == "tr" and self._row is not None:
-            self._table.append(self._row)
-            self._row = None
-        elif tag == "table":
-            self._table = None
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell += data
-
-
-def parse(path):
-    tables = Tables()
-    tables.feed(path.read_text(encoding="utf-8"))
-    return tables
 
 
 def test_train_and_export_writes_figures_and_report(tiny_run):

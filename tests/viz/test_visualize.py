@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from html.parser import HTMLParser
 
 import numpy as np
 import pytest
@@ -27,6 +26,7 @@ from bnexport.parity.runners import eager_runner
 from bnexport.viz import activations, bn_layer, bn_params
 from bnexport.viz.graph import MAX_FIGURE_PX
 from bnexport.viz.visualize import VisualizeInputs, visualize
+from report_page import parse
 
 DEPTHS = [12, pytest.param(200, marks=pytest.mark.slow)]  # exporting 200 blocks to ONNX alone takes ~15 s
 TRAINING_FIGURES = ("bn_running_stats", "training_curves")
@@ -35,61 +35,6 @@ BENCH = BenchReport(model="m", baseline="eager unfolded", threads=1, timings=[
     Timing("eager unfolded", 1, 2.0, 1.9, 10, 1.0), Timing("eager folded", 1, 1.0, 0.9, 10, 0.5),
     Timing("TorchScript folded", 1, 0.9, 0.8, 10, 0.45), Timing("ORT unfolded (default opt)", 1, 0.5, 0.4, 10, 0.25),
     Timing("ORT folded (default opt)", 1, 0.4, 0.3, 10, 0.2)]).to_json()
-
-
-class Page(HTMLParser):
-    """Tables by class (rows of cell texts), the text inside <details>, and the order of h2 ids and tables."""
-
-    def __init__(self):
-        super().__init__()
-        self.tables: dict[str, list[list[str]]] = {}
-        self.order: list[str] = []
-        self.details = ""
-        self.bold_cells: list[str] = []
-        self._table = self._row = self._cell = None
-        self._depth_in_details = 0
-        self._cell_bold = False
-
-    def handle_starttag(self, tag, attrs):
-        attrs = dict(attrs)
-        if tag == "details":
-            self._depth_in_details += 1
-        elif tag == "h2":
-            self.order.append(f"h2:{attrs.get('id')}")
-        elif tag == "table":
-            self.order.append(f"table:{attrs.get('class', '')}")
-            self._table = self.tables.setdefault(attrs.get("class", ""), [])
-        elif tag == "tr" and self._table is not None:
-            self._row = []
-        elif tag in ("td", "th") and self._row is not None:
-            self._cell = ""
-            self._cell_bold = "detail" in (attrs.get("class") or "")
-
-    def handle_endtag(self, tag):
-        if tag == "details":
-            self._depth_in_details -= 1
-        elif tag in ("td", "th") and self._cell is not None:
-            self._row.append(self._cell.strip())
-            if self._cell_bold:
-                self.bold_cells.append(self._cell.strip())
-            self._cell = None
-        elif tag == "tr" and self._row is not None:
-            self._table.append(self._row)
-            self._row = None
-        elif tag == "table":
-            self._table = None
-
-    def handle_data(self, data):
-        if self._cell is not None:
-            self._cell += data
-        if self._depth_in_details:
-            self.details += data
-
-
-def parse(path) -> Page:
-    page = Page()
-    page.feed(path.read_text(encoding="utf-8"))
-    return page
 
 
 def bn_names(model: nn.Module) -> list[str]:
