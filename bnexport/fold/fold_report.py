@@ -49,6 +49,11 @@ class FoldRecord:
     # whose forward calls it, or None at the top level, while the torch side has no module for it
     module: str | None = None  # the BN's module
     folded_into_module: str | None = None  # the module of the layer it was folded into
+    # a fold over several layers (BN after a Concat or an Add of layers): every one of them, in input order,
+    # as nodes (or module paths on the torch side) and as module paths where known; folded_into is the first
+    split_over: list[str] | None = None
+    split_over_modules: list[str] | None = None
+    through: str | None = None  # the op between the BN and its layer(s): "Concat", "Add", "Pad", "Reshape", ...
 
     @property
     def name(self) -> str:
@@ -109,8 +114,21 @@ class FoldReport:
 
 
 def _decision(record: FoldRecord) -> str:
-    if record.status != FOLDED:
-        return record.reason or ""
-    into = record.folded_into_module or record.folded_into
-    return f"{into} (BN {record.position} it)" if record.position else str(into)
+    return describe_decision(asdict(record))
+
+
+def describe_decision(record: dict) -> str:
+    """What happened to one BN, in words, from a fold.json record (older files lack the newer keys):
+    "layer1.0.conv1 (BN after it)", "conv (BN before it, through Pad)",
+    "split over layer3.conv_a, layer3.conv_b (Concat)", or the reason it was kept."""
+    if record.get("status") != FOLDED:
+        return record.get("reason") or ""
+    through = record.get("through")
+    layers = record.get("split_over_modules") or record.get("split_over")
+    if layers and len(layers) > 1:
+        return f"split over {', '.join(layers)}" + (f" ({through})" if through else "")
+    into = record.get("folded_into_module") or record.get("folded_into")
+    how = [f"BN {record['position']} it"] if record.get("position") else []
+    how += [f"through {through}"] if through else []
+    return f"{into} ({', '.join(how)})" if how else str(into)
 

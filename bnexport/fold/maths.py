@@ -12,6 +12,25 @@ Folding it into the linear layer before it, y = w ⊛ x + b, gives
 Folding BN into the layer *after* it (BN → Conv, BN → Linear) is in
 ``fold_into_input_channels``.
 
+The same two maps, applied where the BN is not next to one layer:
+
+- **Through a Pad** (BN → Pad → Conv). Reflect, edge and wrap padding copy values, and a copy
+  of s · x + t is s · (copy of x) + t, so the BN commutes with the Pad and folds into the Conv
+  after it. A constant pad writes a value the BN never touched: not exact, kept.
+- **After a Concat** of layers y_1 … y_k along channels. Layer i owns the channel range
+  R_i = [o_i, o_i + C_i), so BN(concat(y_1 … y_k)) = concat(s[R_i] · y_i + t[R_i]): each layer
+  folds its own slice, w_i' = w_i · s[R_i], b_i' = b_i · s[R_i] + t[R_i].
+- **After an Add** of layers y_1 … y_k of one shape (no broadcasting). BN(Σ y_i) = Σ s · y_i + t:
+  every layer takes the scale, w_i' = w_i · s, b_i' = b_i · s, and exactly one takes the shift,
+  b_1' = b_1 · s + t.
+- **Through a Reshape** (Linear → flatten → BatchNorm1d → reshape, the token BN of LeViT). The
+  Linear's features are its last axis; row-major flattening to (rows, C) keeps them as axis 1,
+  the axis BN normalises, so it is Linear → BN on a 2-D tensor: w' = w · s, b' = b · s + t.
+- **Into quantized weights** (DequantizeLinear(q, δ, z) → Conv → BN). The weight is
+  w = (q − z) · δ, so w · s = (q − z) · (δ · s): the BN's scale moves into the dequantize
+  scale, per output channel (a per-tensor δ becomes per-channel), and q is untouched. The
+  shift goes into the bias as above.
+
 The functions below use only arithmetic, ``reshape`` and ``sum``, so the same code serves
 torch tensors (module folding) and numpy arrays (ONNX initializers). Callers compute s and t
 in float64 and cast back, which keeps the fold's own rounding far below the tolerance of a

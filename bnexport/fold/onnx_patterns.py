@@ -60,6 +60,13 @@ class Kept(NamedTuple):
     reason: str
 
 
+class Absorbed(NamedTuple):
+    """Where a BN went: the layer(s) that took it, in input order, and the op between them and the BN, if any."""
+
+    layers: list[onnx.NodeProto]
+    through: str | None = None  # "Pad", "Concat", "Add", "Reshape", ...
+
+
 class FoldContext:
     """What every graph of one model shares while it is folded."""
 
@@ -228,7 +235,7 @@ class GraphFolder:
 
     # the patterns -------------------------------------------------------------------------
 
-    def fold_after(self, bn: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> Kept | onnx.NodeProto:
+    def fold_after(self, bn: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> Kept | Absorbed | onnx.NodeProto:
         """Fold into the layer that produces the BN's input; return that layer or why not."""
         index = self.index
         layer = index.producer.get(bn.input[0])
@@ -379,7 +386,7 @@ class GraphFolder:
         matmul.op_type = "Gemm"
         self.store(matmul, 2, bias, dtype=dtype)
 
-    def fold_before(self, bn: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> Kept | onnx.NodeProto:
+    def fold_before(self, bn: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray) -> Kept | Absorbed | onnx.NodeProto:
         """Fold into the one layer that reads the BN's output; return that layer or why not."""
         index = self.index
         metadata = index.metadata_readers(bn.output[0])
@@ -422,7 +429,7 @@ class GraphFolder:
             return Kept("dtype", f"the {layer.op_type}'s weight has dtype {weight.dtype}")
         return weight, bias
 
-    def _fold_bn_then_pad_conv(self, bn, pad, scale, shift) -> Kept | onnx.NodeProto:
+    def _fold_bn_then_pad_conv(self, bn, pad, scale, shift) -> Kept | Absorbed:
         """BN → Pad → Conv: the Pad must copy values (reflect, edge, wrap) along spatial axes only."""
         index = self.index
         mode = attribute(pad, "mode", b"constant")
@@ -485,7 +492,7 @@ class GraphFolder:
             return Kept("not_constant", "the Pad's axes after it are not a constant")
         return [int(a) % rank for a in axes.reshape(-1)]
 
-    def _fold_bn_then_conv(self, bn, conv, scale, shift, *, through=None) -> Kept | onnx.NodeProto:
+    def _fold_bn_then_conv(self, bn, conv, scale, shift, *, through=None) -> Kept | Absorbed | onnx.NodeProto:
         pads = attribute(conv, "pads", [])
         auto_pad = attribute(conv, "auto_pad", b"NOTSET")
         auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
@@ -507,7 +514,7 @@ class GraphFolder:
         self.store(conv, 1, new_weight, dtype=weight.dtype)
         self.store(conv, 2, new_bias, dtype=weight.dtype)
         self.remove_bn(bn, absorbed_by=conv, after=False, through=through)
-        return conv
+        return conv if through is None else Absorbed([conv], through=through.op_type)
 
     def _fold_bn_then_gemm(self, bn, gemm, scale, shift) -> Kept | onnx.NodeProto:
         if attribute(gemm, "transA", 0):
@@ -583,14 +590,24 @@ class GraphFolder:
         scale, shift = parameters
         after = self.fold_after(bn, scale, shift)
         if not isinstance(after, Kept):
-            return FoldRecord(label, FOLDED, folded_into=node_label(after), position="after", module=module,
-                              folded_into_module=self.names.path(after))
+            return self._folded(label, module, after, position="after")
         before = self.fold_before(bn, scale, shift)
         if not isinstance(before, Kept):
-            return FoldRecord(label, FOLDED, folded_into=node_label(before), position="before", module=module,
-                              folded_into_module=self.names.path(before))
+            return self._folded(label, module, before, position="before")
         kept = _combine(after, before)
         return FoldRecord(label, KEPT, reason=kept.reason, reason_code=kept.code, module=module)
+
+    def _folded(self, label: str, module: str | None, absorbed: "Absorbed | onnx.NodeProto", *, position: str) -> FoldRecord:
+        if not isinstance(absorbed, Absorbed):
+            absorbed = Absorbed([absorbed])
+        first = absorbed.layers[0]
+        record = FoldRecord(label, FOLDED, folded_into=node_label(first), position=position, module=module,
+                            folded_into_module=self.names.path(first), through=absorbed.through)
+        if len(absorbed.layers) > 1:
+            record.split_over = [node_label(layer) for layer in absorbed.layers]
+            paths = [self.names.path(layer) for layer in absorbed.layers]
+            record.split_over_modules = paths if all(paths) else None
+        return record
 
     def finish(self, source_initializers=()) -> None:
         """Drop the folded BNs and what only they and their layers read; copy the main graph's

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..artifacts import atomic_write
 from ..config import ARTIFACTS
+from ..fold.fold_report import describe_decision
 from .bn_params import DRIFT_FLAG, PROBLEMS, by_severity
 
 STYLE = """
@@ -290,7 +291,7 @@ def render_report(*, figures, health, detail: dict[str, str], effects, parity: d
             # fold.json files written before module paths were recorded show the node names, as they did
             rows.append((source, record.get("module") or record["batchnorm"], record["batchnorm"] if source == "onnx" else "",
                          _verdict(record["status"] == "folded", "folded", "kept"),
-                         record.get("folded_into_module") or record.get("folded_into") or record.get("reason") or ""))
+                         describe_decision(record)))
     if rows:
         table = _table(("graph", "BatchNorm", "ONNX node", "status", "folded into / reason kept"), rows, css="folding")
         if len(rows) > 40:

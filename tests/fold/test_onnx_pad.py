@@ -61,7 +61,8 @@ def _full_pads(pads: list[int], axes: list[int]) -> list[int]:
 
 def assert_folds_exactly(original: onnx.ModelProto) -> None:
     folded, report = fold_onnx(original, check=False)
-    assert [(r.status, r.folded_into, r.position) for r in report.records] == [("folded", "conv", "before")]
+    assert [(r.status, r.folded_into, r.position, r.through) for r in report.records] == [("folded", "conv", "before", "Pad")]
+    assert "conv (BN before it, through Pad)" in report.table()
     assert count_bn_nodes(folded) == 0
     onnx.checker.check_model(folded, full_check=True)
     pad = next(n for n in folded.graph.node if n.op_type == "Pad")
