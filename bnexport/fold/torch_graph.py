@@ -388,16 +388,18 @@ def _visit(analysis: Analysis, path: str, module: nn.Module, tracer: BnTracer) -
 
 @dataclass
 class Observation:
-    """One eager run on the example inputs: how often each module ran, and the ranks it saw."""
+    """One eager run on the example inputs: how often each module ran, and the ranks and shapes it saw."""
 
     calls: Counter
     ranks: dict[int, tuple[int | None, int | None]]  # id(module) → (rank of its first input, rank of its output)
+    shapes: dict[int, tuple[int, ...] | None] = field(default_factory=dict)  # id(module) → its output's shape
 
 
 def observe(module: nn.Module, args: tuple, kwargs: dict) -> Observation:
     """Run the module once with hooks; an input that does not fit names the module that failed."""
     calls: Counter = Counter()
     ranks: dict[int, tuple[int | None, int | None]] = {}
+    shapes: dict[int, tuple[int, ...] | None] = {}
     stack: list[tuple[str, nn.Module]] = []
 
     def before(path, sub, inputs):
@@ -408,6 +410,7 @@ def observe(module: nn.Module, args: tuple, kwargs: dict) -> Observation:
         calls[id(sub)] += 1
         first = inputs[0] if inputs and isinstance(inputs[0], torch.Tensor) else None
         ranks[id(sub)] = (None if first is None else first.dim(), output.dim() if isinstance(output, torch.Tensor) else None)
+        shapes[id(sub)] = tuple(output.shape) if isinstance(output, torch.Tensor) else None
 
     handles = []
     try:
@@ -422,4 +425,4 @@ def observe(module: nn.Module, args: tuple, kwargs: dict) -> Observation:
     finally:
         for handle in handles:
             handle.remove()
-    return Observation(calls, ranks)
+    return Observation(calls, ranks, shapes)

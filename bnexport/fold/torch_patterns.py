@@ -5,7 +5,9 @@ Patterns, each exact in eval mode:
 - Conv1/2/3d, ConvTranspose1/2/3d or Linear → BN: the BN scales the layer's output channels.
   A BN whose module runs more after normalising (timm's ``BatchNormAct2d``: dropout and
   activation) folds this way too, and the module is replaced by what remains of it.
-- BN → Conv1/2/3d without zero padding, BN → Linear: the BN is folded into the layer after it.
+- BN → Conv1/2/3d without zero padding, BN → Linear: the BN is folded into the layer after it,
+  also through a reflect, replicate or circular pad (``F.pad`` or a padding module) before the conv.
+- A concatenation or a sum of such layers → BN: the BN is split over the layers (``torch_split``).
 
 A site is a BN module's call, or an ``F.batch_norm`` call whose statistics are a module's
 tensors. A pair folds only when the result is exact everywhere the weights are used: the
@@ -33,6 +35,7 @@ from .maths import bn_scale_shift, fold_into_input_channels, invalid_statistics
 from .fold_report import FOLDED, KEPT, FoldRecord
 from .torch_graph import (Analysis, BnForm, BnStats, ChildrenAsLeaves, Observation, Part, batch_norm_arguments, bn_form,
                           LAYER_TYPES, is_batchnorm, layer_kind, module_label, observe, pads_same_dynamically)
+from .torch_split import fold_split, split_of, split_reason
 
 
 @dataclass
@@ -243,6 +246,11 @@ class ModuleFolder:
             if why is None:
                 return self._fold_after(site, producer, layer, reshaped=reshaped)
             reasons.append(why)
+        elif (split := split_of(producer)) is not None:  # BN after a concatenation or a sum of layers
+            why, branches = split_reason(self, site, split)
+            if why is None:
+                return fold_split(self, site, split, branches)
+            reasons.append(why)
         elif _is_layer_call(producer, site.part):
             reasons.append(("unsupported_layer", f"input comes from {_describe(producer, site.part)}, a layer subclass "
                                                  f"with its own forward, which may not compute w ⊛ x + b with its weight"))
@@ -250,15 +258,20 @@ class ModuleFolder:
             reasons.append(("no_linear_neighbour", f"input comes from {_describe(producer, site.part)}, "
                                                    f"not a Conv, ConvTranspose or Linear"))
         feed, users = self._downstream(site.node, site.part)
+        pad = self._pad_before_layer(feed, users, site.part)
+        if pad is not None:
+            feed, users = users[0], list(users[0].users)
         if site.form.remainder is not None:
             reasons.append(("no_linear_neighbour", "its forward goes on after normalising (e.g. an activation), "
                                                    "so it folds only into a layer before it"))
         elif len(users) == 1 and self._layer(users[0], site.part) is not None:
             consumer = users[0]
             layer = self._layer(consumer, site.part)
-            why = self._before_reason(site, feed, consumer, layer) or self._layer_reason(layer)
+            why = self._before_reason(site, feed, consumer, layer, pad=pad) or self._layer_reason(layer)
             if why is None:
-                return self._fold_before(site, consumer, layer)
+                if pad and feed.op == "call_module":  # the pad module now pads un-normalised values
+                    self.plan.equivalent[site.part.full(feed.target)] = None
+                return self._fold_before(site, consumer, layer, through="Pad" if pad else None)
             reasons.append(why)
         elif len(users) != 1:
             # several users are what stops the fold only when one of them is a layer it could fold into
@@ -285,7 +298,7 @@ class ModuleFolder:
         self.plan.equivalent[path] = site.label if pure_module else None
         return FoldRecord(site.label, FOLDED, folded_into=path, position="after")
 
-    def _fold_before(self, site: Site, consumer: fx.Node, layer: nn.Module) -> FoldRecord:
+    def _fold_before(self, site: Site, consumer: fx.Node, layer: nn.Module, *, through: str | None = None) -> FoldRecord:
         if site.owner is not None and not self._remove_call(site):
             return _kept(site, "untraceable", self._owner_graphs[site.owner])
         path = site.part.full(consumer.target)
@@ -296,7 +309,7 @@ class ModuleFolder:
         if site.module is not None:
             self.plan.removed[site.label] = site.form
             self.plan.equivalent[site.label] = None  # the identity left there outputs the un-normalised input
-        return FoldRecord(site.label, FOLDED, folded_into=path, position="before")
+        return FoldRecord(site.label, FOLDED, folded_into=path, position="before", through=through)
 
     def _pending(self, path: str, layer: nn.Module) -> LayerFold:
         if path not in self.plan.layers:
@@ -355,6 +368,12 @@ class ModuleFolder:
             node = users[0]
             users = list(node.users)
         return node, users
+
+    def _pad_before_layer(self, feed: fx.Node, users: list[fx.Node], part: Part) -> str | None:
+        """The mode of a pad that is ``feed``'s one user and feeds nothing but a layer (BN → pad → layer), or None."""
+        if len(users) != 1 or users[0].args[:1] != (feed,) or len(users[0].users) != 1:
+            return None
+        return _pad_mode(users[0], part) if self._layer(next(iter(users[0].users)), part) is not None else None
 
     def _before_reshapes(self, node):
         """What feeds ``node`` through a single-user chain of reshapes (flatten, reshape, view), or ``node``."""
@@ -436,8 +455,14 @@ class ModuleFolder:
                                           f"the Linear's features are the last axis")
         return None
 
-    def _before_reason(self, site: Site, feed: fx.Node, layer_node: fx.Node, layer: nn.Module) -> tuple[str, str] | None:
-        """Why ``layer(bn(x))`` cannot be folded into the layer, or None when it can."""
+    def _before_reason(self, site: Site, feed: fx.Node, layer_node: fx.Node, layer: nn.Module, *,
+                       pad: str | None = None) -> tuple[str, str] | None:
+        """Why ``layer(bn(x))`` cannot be folded into the layer, or None when it can.
+
+        ``pad``: the mode of a pad between them. Reflect, replicate and circular padding copy
+        normalised values (``maths``, "Through a Pad"); a constant pad writes values the BN
+        never touched.
+        """
         name = type(layer).__name__
         kind = layer_kind(layer)
         channels = site.form.stats.num_features
@@ -445,6 +470,9 @@ class ModuleFolder:
             return "unsupported_layer", f"it precedes a {name}, whose border outputs sum fewer taps, so the shift is not uniform"
         if not layer_node.args or layer_node.args[0] is not feed or len(layer_node.args) > 1 or layer_node.kwargs:
             return "no_linear_neighbour", f"it feeds the {name} other than as its input"
+        if pad not in (None, *_COPYING_PADS):
+            return "zero_padding", (f"it precedes a {pad} pad and a {name}: the padded border is not shifted, "
+                                    f"so the fold is inexact")
         if kind == "conv":
             if pads_zeros(layer):
                 return "zero_padding", (f"it precedes a {name} with zero padding: the padded border is not shifted, "
@@ -463,6 +491,26 @@ class ModuleFolder:
 
 
 _RESHAPE_METHODS = ("flatten", "reshape", "view")
+_COPYING_PADS = ("reflect", "replicate", "circular")
+_PAD_MODULES = ((nn.modules.padding._ReflectionPadNd, "reflect"), (nn.modules.padding._ReplicationPadNd, "replicate"),
+                (nn.modules.padding._CircularPadNd, "circular"), (nn.modules.padding._ConstantPadNd, "constant"))
+
+
+def _pad_mode(node, part: Part) -> str | None:
+    """The mode of a pad of spatial axes (F.pad, or a padding module), or None when ``node`` is none.
+
+    F.pad's non-constant modes pad only the axes after the channels; a constant one may pad
+    any axis, but it is kept whichever it pads."""
+    if not isinstance(node, fx.Node) or not node.args:
+        return None
+    if node.op == "call_module":
+        module = part.modules[node.target]
+        return next((mode for cls, mode in _PAD_MODULES if type(module).forward is cls.forward and isinstance(module, cls)),
+                    None)
+    if node.op == "call_function" and node.target is F.pad:
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        return mode if isinstance(mode, str) else None
+    return None
 
 
 def _value_users(node: fx.Node) -> list[fx.Node]:

@@ -55,6 +55,7 @@ def rewrite_module(module: nn.Module, *, example: tuple[tuple, dict] | None = No
                 # a BN module's label is its path; an F.batch_norm call has no module of its own
                 record.module = site.label if site.module is not None else None
                 record.folded_into_module = record.folded_into
+                record.split_over_modules = record.split_over
                 report.records.append(record)
     for path, sub in module.named_modules():
         caller = analysis.untraced_caller(path)
