@@ -26,7 +26,7 @@ REASON_CODES = {
     "no_linear_neighbour": "neither the producer nor the consumer is a layer it folds into",
     "shape_mismatch": "channel counts, ranks or axes do not line up for an exact fold",
     "graph_output": "the BN's input or output is a graph output that must keep its value",
-    "in_function": "the BN sits inside a model-local function",
+    "in_function": "the BN sits inside a model-local function that this fold cannot rewrite at that call site",
     "unsupported_layer": "the neighbour is a linear layer whose fold would be inexact (e.g. BN before ConvTranspose)",
     "dtype": "the tensor's dtype has no exact fold here",
     "untraceable": "torch.fx cannot trace the forward that calls the BN (or the BN's own), so its neighbours are unknown",

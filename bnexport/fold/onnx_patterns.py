@@ -15,7 +15,7 @@ Patterns, each exact in eval mode:
 
 Every graph is folded: the main graph, and the bodies of If, Loop and Scan at any depth,
 whose weights may live in an enclosing graph (``onnx_graph`` says what counts as a constant).
-BatchNorms inside model-local functions are reported and kept.
+BatchNorms inside model-local functions fold at their call sites (``onnx_functions``).
 
 The graph is rewritten on a copy: the layer takes the folded weight and bias, the BN node
 is removed, and initializers and constant subgraphs that only the fold stopped reading are
@@ -46,6 +46,7 @@ from .onnx_graph import (CONSTANT_OPS, ONNX_DOMAINS, GraphIndex, all_names, attr
                          defined_names, graph_reads, implicit_inputs, node_label, opset_version, set_attribute, subgraphs)
 from .fold_report import FOLDED, KEPT, FoldRecord, FoldReport
 from .onnx_names import ModuleNamer
+from .onnx_functions import fold_functions, functions_hold_batchnorm
 
 ABSORBED_PREFIX = "bnexport: absorbed BatchNormalization"
 
@@ -666,9 +667,8 @@ def fold_graph(model: onnx.ModelProto, *, fold_overridable: bool = False) -> tup
     negative, NaN, or zero with ε = 0, or whose shapes make the fold impossible.
     """
     report = FoldReport(source="onnx")
-    in_functions = _function_records(model)
-    if not _has_batchnorm(model.graph):
-        report.records = in_functions
+    in_functions = bool(model.functions) and functions_hold_batchnorm(model)
+    if not _has_batchnorm(model.graph) and not in_functions:
         return _untouched_copy(model), report
     # the copy's initializers are written by the fold (folded values) and by GraphFolder.finish (the rest, once each):
     # copying them all first would hold the replaced bytes of every folded weight until the model is freed
@@ -686,7 +686,8 @@ def fold_graph(model: onnx.ModelProto, *, fold_overridable: bool = False) -> tup
                 visit(child)
 
     visit(root)
-    report.records += in_functions
+    if in_functions:
+        report.records += fold_functions(folded, folders)
     if not report.folded:
         return _untouched_copy(model), report
     for folder in reversed(folders):  # a subgraph before the graph that holds it
@@ -697,25 +698,6 @@ def fold_graph(model: onnx.ModelProto, *, fold_overridable: bool = False) -> tup
 def _has_batchnorm(graph: onnx.GraphProto) -> bool:
     return any((node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS)
                or any(_has_batchnorm(sub) for sub in subgraphs(node)) for node in graph.node)
-
-
-def _function_records(model: onnx.ModelProto) -> list[FoldRecord]:
-    records = []
-
-    def visit(graph, function: onnx.FunctionProto) -> None:
-        names = ModuleNamer(graph)
-        for node in graph.node:
-            if node.op_type == "BatchNormalization" and node.domain in ONNX_DOMAINS:
-                records.append(FoldRecord(
-                    node_label(node), KEPT, reason_code="in_function",
-                    reason=f"it sits inside the model-local function '{function.domain}.{function.name}', "
-                           "which this fold does not rewrite", module=names.path(node)))
-            for sub in subgraphs(node):
-                visit(sub, function)
-
-    for function in model.functions:
-        visit(function, function)
-    return records
 
 
 def _note(node: onnx.NodeProto, note: str) -> None:
