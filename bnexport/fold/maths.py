@@ -20,9 +20,10 @@ The same two maps, applied where the BN is not next to one layer:
 - **After a Concat** of layers y_1 … y_k along channels. Layer i owns the channel range
   R_i = [o_i, o_i + C_i), so BN(concat(y_1 … y_k)) = concat(s[R_i] · y_i + t[R_i]): each layer
   folds its own slice, w_i' = w_i · s[R_i], b_i' = b_i · s[R_i] + t[R_i].
-- **After an Add** of layers y_1 … y_k of one shape (no broadcasting). BN(Σ y_i) = Σ s · y_i + t:
+- **After an Add** of layers y_1 … y_k whose channels line up. BN(Σ y_i) = Σ s · y_i + t:
   every layer takes the scale, w_i' = w_i · s, b_i' = b_i · s, and exactly one takes the shift,
-  b_1' = b_1 · s + t.
+  b_1' = b_1 · s + t. Broadcasting over the batch or spatial axes keeps this exact, since s and t
+  do not vary along them; broadcasting along the channel axis does not.
 - **Through a Reshape** (Linear → flatten → BatchNorm1d → reshape, the token BN of LeViT). The
   Linear's features are its last axis; row-major flattening to (rows, C) keeps them as axis 1,
   the axis BN normalises, so it is Linear → BN on a 2-D tensor: w' = w · s, b' = b · s + t.

@@ -240,7 +240,7 @@ class GraphFolder:
         """Fold into the layer that produces the BN's input; return that layer or why not."""
         index = self.index
         layer = index.producer.get(bn.input[0])
-        if layer is None or layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "Add", "MatMul") or \
+        if layer is None or layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "Add", "MatMul", "Concat", "Sum") or \
                 layer.domain not in ONNX_DOMAINS:
             source = layer.op_type if layer else ("a graph input" if index.defines(bn.input[0]) else "an enclosing graph")
             return Kept("no_linear_neighbour", f"input comes from {source}, not Conv, ConvTranspose, Gemm or MatMul")
@@ -250,6 +250,9 @@ class GraphFolder:
             return Kept("multiple_consumers", f"the {layer.op_type}'s output feeds more than the BN")
         if layer.op_type == "Add":
             return self._fold_add_then_bn(bn, layer, scale, shift)
+        if layer.op_type in ("Concat", "Sum"):  # BN over several layers
+            from .onnx_split import fold_concat_then_bn, fold_sum_then_bn
+            return (fold_concat_then_bn if layer.op_type == "Concat" else fold_sum_then_bn)(self, bn, layer, scale, shift)
         if layer.op_type == "MatMul":
             return self._fold_matmul_then_bn(bn, layer, scale, shift)
         constants = self._weight_and_bias(layer)
@@ -296,7 +299,7 @@ class GraphFolder:
             return Kept("shape_mismatch", f"the Gemm's C has shape {list(bias.shape)}, not one value per output channel")
         return np.broadcast_to(bias.astype(np.float64).reshape(-1), (channels,)) * float(attribute(gemm, "beta", 1.0))
 
-    def _fold_add_then_bn(self, bn, add, scale, shift) -> Kept | onnx.NodeProto:
+    def _fold_add_then_bn(self, bn, add, scale, shift) -> Kept | Absorbed | onnx.NodeProto:
         """Layer → Add(per-channel constant) → BN: the layer's weight and bias take s, the Add's constant c · s + t."""
         index = self.index
         for position in (0, 1):
@@ -314,6 +317,9 @@ class GraphFolder:
             if layer.op_type == "MatMul":
                 return self._fold_matmul_add_then_bn(bn, add, layer, 1 - position, bias, scale, shift)
             return self._fold_layer_add_then_bn(bn, add, layer, 1 - position, bias, scale, shift)
+        if all(index.constant(name) is None for name in add.input):  # an Add of layers: BN over several layers
+            from .onnx_split import fold_sum_then_bn
+            return fold_sum_then_bn(self, bn, add, scale, shift)
         return Kept("no_linear_neighbour",
                     "input comes from an Add that is not a Conv, ConvTranspose, Gemm or MatMul plus a constant")
 
