@@ -46,6 +46,7 @@ from .onnx_graph import (CONSTANT_OPS, ONNX_DOMAINS, GraphIndex, all_names, attr
                          defined_names, graph_reads, implicit_inputs, node_label, opset_version, set_attribute, subgraphs)
 from .fold_report import FOLDED, KEPT, FoldRecord, FoldReport
 from .onnx_names import ModuleNamer
+from .onnx_quantized import fold_quantized_then_bn, quantized_weight
 
 ABSORBED_PREFIX = "bnexport: absorbed BatchNormalization"
 
@@ -249,6 +250,9 @@ class GraphFolder:
             return Kept("multiple_consumers", f"the {layer.op_type}'s output feeds more than the BN")
         if layer.op_type == "Add":
             return self._fold_add_then_bn(bn, layer, scale, shift)
+        dequantize = quantized_weight(self, layer)
+        if dequantize is not None:
+            return fold_quantized_then_bn(self, bn, layer, dequantize, scale, shift)
         if layer.op_type == "MatMul":
             return self._fold_matmul_then_bn(bn, layer, scale, shift)
         constants = self._weight_and_bias(layer)
@@ -310,6 +314,10 @@ class GraphFolder:
                 continue
             if index.value_use_count(layer.output[0]) > 1:
                 return Kept("multiple_consumers", f"the {layer.op_type}'s output feeds more than the Add")
+            dequantize = quantized_weight(self, layer)
+            if dequantize is not None:
+                return fold_quantized_then_bn(self, bn, layer, dequantize, scale, shift, add=add,
+                                              add_position=1 - position, add_constant=bias)
             if layer.op_type == "MatMul":
                 return self._fold_matmul_add_then_bn(bn, add, layer, 1 - position, bias, scale, shift)
             return self._fold_layer_add_then_bn(bn, add, layer, 1 - position, bias, scale, shift)
