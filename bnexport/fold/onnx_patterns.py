@@ -47,6 +47,7 @@ from .onnx_graph import (CONSTANT_OPS, ONNX_DOMAINS, GraphIndex, all_names, attr
 from .fold_report import FOLDED, KEPT, FoldRecord, FoldReport
 from .onnx_names import ModuleNamer
 from .onnx_functions import fold_functions, functions_hold_batchnorm
+from .onnx_quantized import fold_quantized_then_bn, quantized_weight
 
 ABSORBED_PREFIX = "bnexport: absorbed BatchNormalization"
 
@@ -253,6 +254,9 @@ class GraphFolder:
         if layer.op_type in ("Concat", "Sum"):  # BN over several layers
             from .onnx_split import fold_concat_then_bn, fold_sum_then_bn
             return (fold_concat_then_bn if layer.op_type == "Concat" else fold_sum_then_bn)(self, bn, layer, scale, shift)
+        dequantize = quantized_weight(self, layer)
+        if dequantize is not None:
+            return fold_quantized_then_bn(self, bn, layer, dequantize, scale, shift)
         if layer.op_type == "MatMul":
             return self._fold_matmul_then_bn(bn, layer, scale, shift)
         constants = self._weight_and_bias(layer)
@@ -314,6 +318,10 @@ class GraphFolder:
                 continue
             if index.value_use_count(layer.output[0]) > 1:
                 return Kept("multiple_consumers", f"the {layer.op_type}'s output feeds more than the Add")
+            dequantize = quantized_weight(self, layer)
+            if dequantize is not None:
+                return fold_quantized_then_bn(self, bn, layer, dequantize, scale, shift, add=add,
+                                              add_position=1 - position, add_constant=bias)
             if layer.op_type == "MatMul":
                 return self._fold_matmul_add_then_bn(bn, add, layer, 1 - position, bias, scale, shift)
             return self._fold_layer_add_then_bn(bn, add, layer, 1 - position, bias, scale, shift)
