@@ -1,6 +1,7 @@
 """Coverage on models nobody here wrote: which BatchNorms each folding tool removes, and whether its output is right.
 
     python tools/coverage_fold.py [--quick] [--models REGEX] [--json OUT] [--paddleocr-dir DIR]
+    python tools/coverage_fold.py --patterns [--json OUT] [--markdown OUT]
 
 One row per model, one column per tool. A cell reads "BN remaining/BN total" and then
 
@@ -24,6 +25,13 @@ Models:
   opset 9, weights stored as ``ConstantOfShape``), as they are and with seeded random weights;
 - float16 conversions (onnxconverter-common) of a few of the above;
 - PaddleOCR's detector, recogniser and classifier from the ``rapidocr-onnxruntime`` wheel.
+
+``--patterns`` runs, instead of the models, one small seeded model per fold that no other tool
+makes (BN after Concat or Add of convs, BN → Reflection/ReplicationPad2d → Conv, LeViT's token BN
+between flatten and reshape, BN inside a model-local ONNX function, DequantizeLinear → Conv → BN)
+and LeViT-128, with ONNX Runtime's extended level as one more column, and adds a table with one
+row per pattern; there a function's BNs count once per call, and a cell says "weight
+dequantized" where a tool turned an int8 weight into a float one.
 
 Each model runs in its own worker process, so a tool that crashes the interpreter or hangs
 becomes a cell saying so, and the run goes on. Optional pieces (timm, each baseline tool, AIMET,
@@ -97,7 +105,9 @@ def all_cases() -> list[str]:
 
 def case_rows(case: str) -> list[tuple[str, str]]:
     """(row name, "torch" or "onnx") for every row the case produces."""
-    if case.startswith("timm/"):
+    if case in ONNX_ONLY_PATTERNS:
+        return [(f"{case} · {ONNX_ONLY_PATTERNS[case]}", "onnx")]
+    if case.startswith(("timm/", "pattern/")):
         return [(case, "torch")] + [(f"{case} · {e}", "onnx") for e in EXPORTERS]
     return [(case, "onnx")]
 
@@ -234,6 +244,188 @@ def paddleocr_dir(given: str | None) -> Path | None:
     return None
 
 
+# patterns: one small seeded model per fold that no other tool makes (--patterns) ----------------
+#
+# Each torch pattern is a module, run as it is and through both exporters; the ONNX-only ones are
+# a TorchScript export with model-local functions and a hand-built graph. LeViT-128 is the real
+# model of the token BN.
+
+PATTERNS = {
+    "pattern/Concat → BN": "BN after a Concat of two convs (Inception)",
+    "pattern/Add → BN": "BN after an Add of two convs",
+    "pattern/BN → ReflectionPad2d → Conv": "BN → ReflectionPad2d → Conv2d without padding",
+    "pattern/BN → ReplicationPad2d → Conv": "BN → ReplicationPad2d → Conv2d without padding",
+    "pattern/Linear → flatten → BatchNorm1d → reshape": "Linear on [B, N, C] → flatten(0, 1) → BatchNorm1d → reshape (LeViT)",
+    "timm/levit_128": "LeViT-128 (timm, random weights)",
+    "pattern/BN in an ONNX function": "Conv → BN inside a model-local ONNX function, two calls",
+    "pattern/DequantizeLinear → Conv → BN": "int8 weight → DequantizeLinear → Conv → BN",
+}
+ONNX_ONLY_PATTERNS = {"pattern/BN in an ONNX function": "TorchScript functions",
+                      "pattern/DequantizeLinear → Conv → BN": "hand-built"}
+
+
+def pattern_modules():
+    """The torch modules of the patterns, built on first use so that importing this file needs no torch."""
+    import torch
+    from torch import nn
+
+    class ConcatBn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_a = nn.Conv2d(3, 4, 3, padding=1)
+            self.conv_b = nn.Conv2d(3, 6, 1, bias=False)
+            self.bn = nn.BatchNorm2d(10)
+
+        def forward(self, x):
+            return self.bn(torch.cat([self.conv_a(x), self.conv_b(x)], 1))
+
+    class AddBn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv_a = nn.Conv2d(3, 8, 3, padding=1)
+            self.conv_b = nn.Conv2d(3, 8, 1, bias=False)
+            self.bn = nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            return self.bn(self.conv_a(x) + self.conv_b(x))
+
+    class BnPadConv(nn.Module):
+        def __init__(self, pad: type):
+            super().__init__()
+            self.bn = nn.BatchNorm2d(3)
+            self.pad = pad(1)
+            self.conv = nn.Conv2d(3, 8, 3, padding=0)
+
+        def forward(self, x):
+            return self.conv(self.pad(self.bn(x)))
+
+    class TokenLinearBn(nn.Module):
+        """timm's LeViT ``LinearNorm``: a bias-less Linear on tokens, its BN over (batch·tokens, channels)."""
+
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 16, bias=False)
+            self.bn = nn.BatchNorm1d(16)
+
+        def forward(self, x):
+            y = self.linear(x)
+            return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+    return {
+        "pattern/Concat → BN": (ConcatBn, (1, 3, 8, 8)),
+        "pattern/Add → BN": (AddBn, (1, 3, 8, 8)),
+        "pattern/BN → ReflectionPad2d → Conv": (lambda: BnPadConv(nn.ReflectionPad2d), (1, 3, 8, 8)),
+        "pattern/BN → ReplicationPad2d → Conv": (lambda: BnPadConv(nn.ReplicationPad2d), (1, 3, 8, 8)),
+        "pattern/Linear → flatten → BatchNorm1d → reshape": (TokenLinearBn, (2, 5, 8)),
+    }
+
+
+def pattern_module(case: str):
+    """The seeded module of a torch pattern (BN statistics randomised) and its input."""
+    import torch
+
+    torch.manual_seed(SEED)
+    build, shape = pattern_modules()[case]
+    return randomize_bn(build(), _crc(case)), seeded_tensor(shape, _crc(case))
+
+
+def case_module(case: str):
+    return timm_module(case[len("timm/"):]) if case.startswith("timm/") else pattern_module(case)
+
+
+def export_keeping_bn(module, x, exporter: str) -> onnx.ModelProto:
+    """``export_onnx``; where the TorchScript exporter in EVAL mode drops a BN, again with PRESERVE."""
+    import torch
+
+    model = export_onnx(module, x, exporter)
+    if exporter == "TorchScript":
+        with torch.no_grad(), counting_batchnorm(module) as counts:
+            module(x)
+        if count_onnx_bn(model, per_call=True) < counts["functional"] + counts["module_only"]:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), \
+                    tempfile.TemporaryDirectory() as folder:
+                warnings.simplefilter("ignore")
+                path = os.path.join(folder, "model.onnx")
+                torch.onnx.export(module, (x,), path, dynamo=False, do_constant_folding=False,
+                                  training=torch.onnx.TrainingMode.PRESERVE)
+                model = onnx.load(path)
+    return model
+
+
+def function_pattern_onnx() -> onnx.ModelProto:
+    """Two ConvBnBlocks, each exported as a call of one model-local ONNX function holding Conv → BN.
+
+    The TorchScript exporter can do this once per process (a second export with
+    ``export_modules_as_functions`` trips an internal assertion), which a worker process is.
+    """
+    import torch
+    from torch import nn
+
+    class ConvBnBlock(nn.Module):
+        def __init__(self, in_channels: int, out_channels: int):
+            super().__init__()
+            self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+            self.bn = nn.BatchNorm2d(out_channels)
+
+        def forward(self, x):
+            return self.bn(self.conv(x))
+
+    class TwoBlocks(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block1 = ConvBnBlock(3, 8)
+            self.block2 = ConvBnBlock(8, 8)
+
+        def forward(self, x):
+            return self.block2(torch.relu(self.block1(x)))
+
+    case = "pattern/BN in an ONNX function"
+    torch.manual_seed(SEED)
+    module = randomize_bn(TwoBlocks(), _crc(case))
+    x = seeded_tensor((1, 3, 8, 8), _crc(case))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory() as folder:
+        warnings.simplefilter("ignore")
+        path = os.path.join(folder, "model.onnx")
+        torch.onnx.export(module, (x,), path, dynamo=False, do_constant_folding=False, opset_version=17,
+                          training=torch.onnx.TrainingMode.EVAL, export_modules_as_functions={ConvBnBlock})
+        model = onnx.load(path)
+    if not model.functions:
+        raise RuntimeError("the TorchScript exporter wrote no model-local function")
+    return model
+
+
+def quantized_pattern_onnx() -> onnx.ModelProto:
+    """int8 weight (per output channel) → DequantizeLinear → Conv → BatchNormalization, opset 17."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(_crc("pattern/DequantizeLinear → Conv → BN"))
+    out_channels, in_channels = 8, 3
+    weight_q = rng.integers(-127, 128, (out_channels, in_channels, 3, 3)).astype(np.int8)
+    initializers = {
+        "w_q": weight_q,
+        "w_scale": (rng.random(out_channels) * 0.01 + 0.005).astype(np.float32),
+        "w_zero_point": np.zeros(out_channels, np.int8),
+        "conv_b": (0.1 * rng.standard_normal(out_channels)).astype(np.float32),
+        "bn_scale": (rng.random(out_channels) + 0.5).astype(np.float32),
+        "bn_bias": (0.5 * rng.standard_normal(out_channels)).astype(np.float32),
+        "bn_mean": (0.5 * rng.standard_normal(out_channels)).astype(np.float32),
+        "bn_var": (rng.random(out_channels) + 0.5).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("DequantizeLinear", ["w_q", "w_scale", "w_zero_point"], ["w"], axis=0, name="dequantize_w"),
+        helper.make_node("Conv", ["x", "w", "conv_b"], ["conv_out"], pads=[1, 1, 1, 1], name="conv"),
+        helper.make_node("BatchNormalization", ["conv_out", "bn_scale", "bn_bias", "bn_mean", "bn_var"], ["y"],
+                         epsilon=1e-5, name="bn"),
+    ]
+    graph = helper.make_graph(nodes, "dequantize_conv_bn",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, in_channels, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, out_channels, 8, 8])],
+                              [numpy_helper.from_array(v, k) for k, v in initializers.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 # counting and comparing ----------------------------------------------------------------------
 
 def _subgraphs(graph: onnx.GraphProto):
@@ -247,11 +439,34 @@ def _subgraphs(graph: onnx.GraphProto):
                     yield from _subgraphs(g)
 
 
-def count_onnx_bn(model: onnx.ModelProto) -> int:
-    """BatchNormalization nodes in the graph, its subgraphs, and its model-local functions."""
-    nodes = [n for g in _subgraphs(model.graph) for n in g.node]
-    nodes += [n for f in model.functions for n in f.node]
-    return sum(n.op_type == "BatchNormalization" for n in nodes)
+def count_onnx_bn(model: onnx.ModelProto, *, per_call: bool = False) -> int:
+    """BatchNormalization nodes in the graph, its subgraphs, and its model-local functions.
+
+    With ``per_call`` a function's BNs count once per node that calls it (the BN sites a run
+    executes), else once per function.
+    """
+    if not per_call:
+        nodes = [n for g in _subgraphs(model.graph) for n in g.node]
+        nodes += [n for f in model.functions for n in f.node]
+        return sum(n.op_type == "BatchNormalization" for n in nodes)
+    functions = {(f.domain, f.name): f for f in model.functions}
+    memo: dict = {}
+
+    def in_nodes(nodes, seen) -> int:
+        count = 0
+        for node in nodes:
+            count += node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx")
+            key = (node.domain, node.op_type)
+            if key in functions and key not in seen:
+                if key not in memo:
+                    memo[key] = in_nodes(functions[key].node, seen | {key})
+                count += memo[key]
+            for attr in node.attribute:
+                graphs = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+                count += sum(in_nodes(g.node, seen) for g in graphs)
+        return count
+
+    return in_nodes(model.graph.node, frozenset())
 
 
 def seeded_feeds(model: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
@@ -384,6 +599,19 @@ def _ort_fusion(model):
         return onnx.load(options.optimized_model_filepath)
 
 
+def _ort_extended(model):
+    """ONNX Runtime's extended-level rewrites, saved back as ONNX (may hold com.microsoft fused ops)."""
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as folder:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+        options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
+        options.log_severity_level = 3
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        return onnx.load(options.optimized_model_filepath)
+
+
 def _aimet_onnx(model):
     from aimet_onnx.batch_norm_fold import fold_all_batch_norms_to_weight
 
@@ -420,8 +648,12 @@ def _aimet_torch(module, x):
 ONNX_TOOLS = {"bnexport": _onnx_bnexport, "onnxsim": _onnxsim, "onnxslim": _onnxslim,
               "onnxoptimizer": _onnxoptimizer, "ORT fusion": _ort_fusion, "aimet_onnx": _aimet_onnx}
 TORCH_TOOLS = {"bnexport": _module_bnexport, "fx.fuse": _fx_fuse, "aimet_torch": _aimet_torch}
+# --patterns also saves ONNX Runtime's extended level, whose fusions go beyond Conv+BN
+PATTERN_ONNX_TOOLS = {"bnexport": _onnx_bnexport, "onnxsim": _onnxsim, "onnxslim": _onnxslim,
+                      "onnxoptimizer": _onnxoptimizer, "ORT fusion": _ort_fusion, "ORT extended": _ort_extended,
+                      "aimet_onnx": _aimet_onnx}
 TOOL_PACKAGES = {"onnxsim": "onnxsim", "onnxslim": "onnxslim", "onnxoptimizer": "onnxoptimizer",
-                 "ORT fusion": "onnxruntime", "aimet_onnx": "aimet_onnx", "aimet_torch": "aimet_torch",
+                 "ORT fusion": "onnxruntime", "ORT extended": "onnxruntime", "aimet_onnx": "aimet_onnx", "aimet_torch": "aimet_torch",
                  "fx.fuse": "torch", "bnexport": "bnexport"}
 
 
@@ -518,8 +750,10 @@ def _cell(remaining, total, error, rtol, reason=None, checker=None) -> dict:
     return result
 
 
-def run_onnx_row(row: str, model: onnx.ModelProto, tools: list[str], rec: Recorder, *, torch_total: int | None = None):
-    total = count_onnx_bn(model)
+def run_onnx_row(row: str, model: onnx.ModelProto, tools: list[str], rec: Recorder, *, torch_total: int | None = None,
+                 per_call: bool = False):
+    total = count_onnx_bn(model, per_call=per_call)
+    dequantize = _count_op(model, "DequantizeLinear")
     feeds = seeded_feeds(model, SEED)
     info = {"bn": total, "inputs": {k: [list(v.shape), str(v.dtype)] for k, v in feeds.items()}, "ir": model.ir_version,
             "opset": next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), None)}
@@ -539,11 +773,11 @@ def run_onnx_row(row: str, model: onnx.ModelProto, tools: list[str], rec: Record
     bounded = probability_outputs(model)
     for tool in tools:
         # a copy each: some tools edit their input
-        ran = _run_tool(rec, row, tool, total, lambda: ONNX_TOOLS[tool](onnx.ModelProto.FromString(serialized)))
+        ran = _run_tool(rec, row, tool, total, lambda: PATTERN_ONNX_TOOLS[tool](onnx.ModelProto.FromString(serialized)))
         if ran is None:
             continue
         output, seconds = ran
-        remaining = count_onnx_bn(output)
+        remaining = count_onnx_bn(output, per_call=per_call)
         checker = None
         try:
             onnx.checker.check_model(output, full_check=True)
@@ -557,7 +791,13 @@ def run_onnx_row(row: str, model: onnx.ModelProto, tools: list[str], rec: Record
             continue
         result = _cell(remaining, total, relative_error(reference, candidate, bounded), rtol, checker=checker)
         result["seconds"] = seconds
+        if dequantize and _count_op(output, "DequantizeLinear") < dequantize:
+            result["dequantized"] = True  # a quantized weight became a float one: no longer an int8 model
         rec.write(row=row, tool=tool, result=result)
+
+
+def _count_op(model: onnx.ModelProto, op_type: str) -> int:
+    return sum(n.op_type == op_type for g in _subgraphs(model.graph) for n in g.node)
 
 
 def _run_tool(rec: "Recorder", row: str, tool: str, total: int, fold):
@@ -610,6 +850,15 @@ def onnx_source(case: str, args, module_cache: dict) -> onnx.ModelProto:
         if folder is None:
             raise FileNotFoundError("PaddleOCR files not found (pass --paddleocr-dir)")
         return onnx.load(str(folder / PADDLEOCR_FILES[case.split("/")[1]]))
+    if case == f"pattern/BN in an ONNX function · {ONNX_ONLY_PATTERNS['pattern/BN in an ONNX function']}":
+        return function_pattern_onnx()
+    if case == f"pattern/DequantizeLinear → Conv → BN · {ONNX_ONLY_PATTERNS['pattern/DequantizeLinear → Conv → BN']}":
+        return quantized_pattern_onnx()
+    if case.startswith("pattern/"):  # "pattern/NAME · EXPORTER"
+        name, exporter = case.split(" · ")
+        if name not in module_cache:
+            module_cache[name] = pattern_module(name)
+        return export_keeping_bn(*module_cache[name], exporter)
     if case.startswith("timm/"):  # "timm/NAME · EXPORTER"
         name, exporter = case[len("timm/"):].split(" · ")
         if name not in module_cache:
@@ -636,11 +885,11 @@ def worker(case: str, todo: list[tuple[str, str]], out: Path, args) -> None:
                 import torch
 
                 torch.set_num_threads(1)
-                name = case[len("timm/"):]
-                modules[name] = timm_module(name)
+                name = case[len("timm/"):] if case.startswith("timm/") else case
+                modules[name] = case_module(case)
                 torch_total = run_torch_row(row, *modules[name], rows[row], rec)
                 continue
-            if case.startswith("timm/"):
+            if case.startswith(("timm/", "pattern/")):
                 import torch
 
                 torch.set_num_threads(1)
@@ -649,7 +898,14 @@ def worker(case: str, todo: list[tuple[str, str]], out: Path, args) -> None:
             rec.write(row=row, kind=kind, info={"error": first_line(err)})
             traceback.print_exc(file=sys.stderr)
             continue
-        run_onnx_row(row, model, rows[row], rec, torch_total=torch_total if case.startswith("timm/") else None)
+        run_onnx_row(row, model, rows[row], rec, torch_total=torch_total if kind_of_case(case) == "module" else None,
+                     per_call=case in PATTERNS)
+
+
+def kind_of_case(case: str) -> str:
+    """"module" where the ONNX rows are exports of the case's torch module."""
+    return "module" if case.startswith("timm/") or (case.startswith("pattern/") and case not in ONNX_ONLY_PATTERNS) \
+        else "onnx"
 
 
 # the driver --------------------------------------------------------------------------------
@@ -745,6 +1001,7 @@ def cell_text(result: dict | None, info: dict) -> str:
         return f"{head}fails: {result['reason']}"
     count = f"{result['remaining']}/{total}"
     invalid = ", fails onnx.checker" if result.get("checker") else ""
+    invalid += ", weight dequantized" if result.get("dequantized") else ""
     if result["status"] == "ok":
         return f"{count} ok{invalid}"
     return f"{count} wrong ({result['rel_err']:.1e}){invalid}"
@@ -812,16 +1069,73 @@ def module_gaps(rows: list[dict]) -> list[str] | None:
         module_folded = module["total"] - module["remaining"] if module.get("status") == "ok" else 0
         onnx_folded = max(c["total"] - c["remaining"] for c in exports)
         if module_folded < onnx_folded:
-            gaps.append(f"{row['model'][len('timm/'):]} ({module_folded} < {onnx_folded})")
+            gaps.append(f"{row['model'].split('/', 1)[1]} ({module_folded} < {onnx_folded})")
     return gaps if compared else None
+
+
+def pattern_table(rows: list[dict], tools: dict, *, compact: bool = False) -> str:
+    """One row per pattern, one column per tool; an ONNX cell is "TorchScript / dynamo" (or its one file)."""
+    by_name = {r["model"]: r for r in rows}
+    torch_tools, onnx_tools = tools["torch"], tools["onnx"]
+    header = ["pattern", "BN"]
+    header += [f"{t} module" if t == "bnexport" else t for t in torch_tools]
+    header += [f"{t} ONNX" if t == "bnexport" else t for t in onnx_tools]
+    if compact:  # bnexport's two columns first; ORT's two levels in one column
+        header = header[:2] + sorted((h for h in header[2:] if h != "ORT extended"),
+                                     key=lambda h: not h.startswith("bnexport"))
+    shown = [COMPACT_NAMES.get(h, h) for h in header] if compact else header
+    lines = ["| " + " | ".join(shown) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    cell = _compact_cell if compact else cell_text
+    for case, title in PATTERNS.items():
+        if not any(r == case or r.startswith(f"{case} · ") for r in by_name):
+            continue
+        module = by_name.get(case) if case not in ONNX_ONLY_PATTERNS else None
+        names = sorted((name for name, kind in case_rows(case) if kind == "onnx"), key=lambda n: "dynamo" in n)
+        files = [by_name[name] for name in names if name in by_name]  # TorchScript first
+        cells = {}
+        for tool in torch_tools:
+            cells[f"{tool} module" if tool == "bnexport" else tool] = (
+                "n/a" if module is None else _not_run(module) or cell(module["tools"].get(tool), module["info"]))
+        for tool in onnx_tools:
+            cells[f"{tool} ONNX" if tool == "bnexport" else tool] = " / ".join(
+                _not_run(f) or cell(f["tools"].get(tool), f["info"]) for f in files)
+        extended = cells.pop("ORT extended", None) if compact else None
+        if extended is not None and cells.get("ORT fusion") != extended:
+            cells["ORT fusion"] += f" (extended: {extended})"
+        bn = module["info"].get("bn", "?") if module else " / ".join(str(f["info"].get("bn", "?")) for f in files)
+        values = [title if compact else f"{title} (`{case}`)", str(bn)]
+        values += [cells[h] for h in header[len(values):]]
+        lines.append("| " + " | ".join(v.replace("|", "\\|") for v in values) + " |")
+    return "\n".join(lines)
+
+
+COMPACT_NAMES = {"aimet_torch": "AIMET torch", "aimet_onnx": "AIMET onnx", "ORT fusion": "ORT"}
+
+
+def _not_run(row: dict) -> str:
+    info = row["info"]
+    return f"not run: {info['error']}" if "error" in info and not row["tools"] else ""
+
+
+def _compact_cell(result: dict | None, info: dict) -> str:
+    """BN remaining (the total is the row's), with "wrong" or "fails" where the output is not right."""
+    if result is None:
+        return ""
+    if result["status"] == "fails":
+        return "fails"
+    text = str(result["remaining"])
+    if result["status"] == "wrong":
+        text += " **wrong**"
+    return text + (" (dequantized)" if result.get("dequantized") else "")
 
 
 def select_cases(args) -> tuple[list[str], list[str]]:
     notes = []
-    cases = QUICK if args.quick else all_cases()
+    every = list(PATTERNS) if args.patterns else all_cases()
+    cases = every if args.patterns or not args.quick else QUICK
     if args.models:
         pattern = re.compile(args.models)
-        cases = [c for c in all_cases() if pattern.search(c)]
+        cases = [c for c in every if pattern.search(c)]
     if importlib.util.find_spec("timm") is None:
         notes.append("timm not installed: its models skipped")
         cases = [c for c in cases if "timm/" not in c]
@@ -832,7 +1146,7 @@ def select_cases(args) -> tuple[list[str], list[str]]:
         if unknown:
             notes.append(f"not in this timm ({timm.__version__}): {', '.join(unknown)}")
         cases = [c for c in cases if c not in unknown]
-    if importlib.util.find_spec("onnxconverter_common") is None:
+    if any(c.startswith("fp16/") for c in cases) and importlib.util.find_spec("onnxconverter_common") is None:
         notes.append("onnxconverter-common not installed: fp16 rows skipped")
         cases = [c for c in cases if not c.startswith("fp16/")]
     if any("paddleocr/" in c for c in cases) and paddleocr_dir(args.paddleocr_dir) is None:
@@ -857,6 +1171,8 @@ def versions() -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help=f"a small subset: {', '.join(QUICK)}")
+    parser.add_argument("--patterns", action="store_true",
+                        help="instead of the models: one small model per fold no other tool makes, and LeViT-128")
     parser.add_argument("--models", default=None, metavar="REGEX", help="only the cases whose name matches (e.g. 'timm/res|light/')")
     parser.add_argument("--json", type=Path, default=None, metavar="OUT", help="write every row as JSON")
     parser.add_argument("--markdown", type=Path, default=None, metavar="OUT", help="write the tables as Markdown")
@@ -878,7 +1194,8 @@ def main(argv=None) -> int:
 
     if args.from_json:
         data = json.loads(args.from_json.read_text())
-        print(report(data["rows"], data["tools"], data["notes"], data.get("seconds"), data.get("load_average")))
+        print(report(data["rows"], data["tools"], data["notes"], data.get("seconds"), data.get("load_average"),
+                     patterns=data.get("mode") == "patterns"))
         return 0
     cases, notes = select_cases(args)
     if args.list:
@@ -886,7 +1203,7 @@ def main(argv=None) -> int:
         return 0
     wanted = set(args.tools.split(",")) if args.tools else None
     tools, missing = {"torch": [], "onnx": []}, {}
-    for kind, registry in (("torch", TORCH_TOOLS), ("onnx", ONNX_TOOLS)):
+    for kind, registry in (("torch", TORCH_TOOLS), ("onnx", PATTERN_ONNX_TOOLS if args.patterns else ONNX_TOOLS)):
         for name in registry:
             if wanted is not None and name not in wanted:
                 continue
@@ -911,21 +1228,27 @@ def main(argv=None) -> int:
             log.flush()
         rows += collect(run_case(case, tools, args, log), case).values()
         if args.json:  # rows so far, so that an interrupted run still leaves its findings
-            write_json(args.json, rows, tools, notes, partial=True)
+            write_json(args.json, rows, tools, notes, partial=True, patterns=args.patterns)
     elapsed = time.perf_counter() - started
 
-    text = report(rows, tools, notes, elapsed, os.getloadavg())
+    text = report(rows, tools, notes, elapsed, os.getloadavg(), patterns=args.patterns)
     print(text)
     if args.markdown:
         args.markdown.write_text(text + "\n")
     if args.json:
-        write_json(args.json, rows, tools, notes, partial=False, seconds=elapsed)
+        write_json(args.json, rows, tools, notes, partial=False, seconds=elapsed, patterns=args.patterns)
     return 0
 
 
-def report(rows: list[dict], tools: dict, notes: list[str], seconds: float | None, load) -> str:
+def report(rows: list[dict], tools: dict, notes: list[str], seconds: float | None, load, *, patterns: bool = False) -> str:
     """The Markdown tables and summaries of a run."""
     text = []
+    if patterns:
+        text += ["Patterns (BN remaining/total; ONNX cells: TorchScript export / dynamo export):", "",
+                 pattern_table(rows, tools), "",
+                 "Compact (BN remaining of BN; ONNX cells: TorchScript / dynamo; ORT: basic level, and the extended "
+                 "level where it differs):", "",
+                 pattern_table(rows, tools, compact=True), ""]
     if any(r["kind"] == "torch" for r in rows):
         text += ["Torch modules (eager is the reference; BN = BatchNorm sites executed):", "",
                  markdown_table(rows, tools["torch"], "torch"), "", summary(rows, tools["torch"], "torch"), ""]
@@ -943,9 +1266,12 @@ def report(rows: list[dict], tools: dict, notes: list[str], seconds: float | Non
     return "\n".join(text)
 
 
-def write_json(path: Path, rows: list[dict], tools: dict, notes: list[str], *, partial: bool, seconds: float | None = None):
+def write_json(path: Path, rows: list[dict], tools: dict, notes: list[str], *, partial: bool, seconds: float | None = None,
+               patterns: bool = False):
     data = {"versions": versions(), "notes": notes, "tools": tools, "partial": partial, "seconds": seconds,
             "load_average": os.getloadavg(), "rows": rows}
+    if patterns:
+        data["mode"] = "patterns"
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")
 
 
