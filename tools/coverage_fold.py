@@ -586,13 +586,13 @@ def _onnxoptimizer(model):
     return onnxoptimizer.optimize(model, ["fuse_bn_into_conv"])
 
 
-def _ort_fusion(model):
-    """ONNX Runtime's basic-level rewrites (Conv+BN fusion among them), saved back as ONNX."""
+def _ort_fusion(model, level: str = "ORT_ENABLE_BASIC"):
+    """ONNX Runtime's rewrites at ``level`` (basic: Conv+BN fusion among them), saved back as ONNX."""
     import onnxruntime as ort
 
     with tempfile.TemporaryDirectory() as folder:
         options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.graph_optimization_level = getattr(ort.GraphOptimizationLevel, level)
         options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
         options.log_severity_level = 3
         ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
@@ -600,16 +600,8 @@ def _ort_fusion(model):
 
 
 def _ort_extended(model):
-    """ONNX Runtime's extended-level rewrites, saved back as ONNX (may hold com.microsoft fused ops)."""
-    import onnxruntime as ort
-
-    with tempfile.TemporaryDirectory() as folder:
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
-        options.optimized_model_filepath = os.path.join(folder, "optimized.onnx")
-        options.log_severity_level = 3
-        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-        return onnx.load(options.optimized_model_filepath)
+    """ONNX Runtime's extended-level rewrites (the saved model may hold com.microsoft fused ops)."""
+    return _ort_fusion(model, "ORT_ENABLE_EXTENDED")
 
 
 def _aimet_onnx(model):
