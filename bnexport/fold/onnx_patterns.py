@@ -239,7 +239,7 @@ class GraphFolder:
         """Fold into the layer that produces the BN's input; return that layer or why not."""
         index = self.index
         layer = index.producer.get(bn.input[0])
-        if layer is None or layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "Add", "MatMul") or \
+        if layer is None or layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "Add", "MatMul", "Reshape", "Flatten") or \
                 layer.domain not in ONNX_DOMAINS:
             source = layer.op_type if layer else ("a graph input" if index.defines(bn.input[0]) else "an enclosing graph")
             return Kept("no_linear_neighbour", f"input comes from {source}, not Conv, ConvTranspose, Gemm or MatMul")
@@ -251,6 +251,9 @@ class GraphFolder:
             return self._fold_add_then_bn(bn, layer, scale, shift)
         if layer.op_type == "MatMul":
             return self._fold_matmul_then_bn(bn, layer, scale, shift)
+        if layer.op_type in ("Reshape", "Flatten"):
+            from .onnx_reshape import fold_layer_reshape_bn  # imports this module
+            return fold_layer_reshape_bn(self, bn, layer, scale, shift)
         constants = self._weight_and_bias(layer)
         if isinstance(constants, Kept):
             return constants
