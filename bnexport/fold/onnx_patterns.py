@@ -51,6 +51,9 @@ from .onnx_quantized import fold_quantized_then_bn, quantized_weight
 
 ABSORBED_PREFIX = "bnexport: absorbed BatchNormalization"
 
+# the ops whose output a BN can fold back through: a layer itself, or what joins or reshapes layers' outputs
+PRODUCERS_FOLDED_AFTER = ("Conv", "ConvTranspose", "Gemm", "MatMul", "Add", "Sum", "Concat", "Reshape", "Flatten")
+
 # the dtypes a fold writes: computed in float64 and rounded once (float32 weights: within one ulp of that)
 FOLDABLE_DTYPES = {"float16", "bfloat16", "float32", "float64"}
 
@@ -241,8 +244,7 @@ class GraphFolder:
         """Fold into the layer that produces the BN's input; return that layer or why not."""
         index = self.index
         layer = index.producer.get(bn.input[0])
-        if layer is None or layer.op_type not in ("Conv", "ConvTranspose", "Gemm", "Add", "MatMul", "Concat", "Sum") or \
-                layer.domain not in ONNX_DOMAINS:
+        if layer is None or layer.op_type not in PRODUCERS_FOLDED_AFTER or layer.domain not in ONNX_DOMAINS:
             source = layer.op_type if layer else ("a graph input" if index.defines(bn.input[0]) else "an enclosing graph")
             return Kept("no_linear_neighbour", f"input comes from {source}, not Conv, ConvTranspose, Gemm or MatMul")
         if layer.output[0] in index.graph_outputs:
@@ -259,6 +261,9 @@ class GraphFolder:
             return fold_quantized_then_bn(self, bn, layer, dequantize, scale, shift)
         if layer.op_type == "MatMul":
             return self._fold_matmul_then_bn(bn, layer, scale, shift)
+        if layer.op_type in ("Reshape", "Flatten"):
+            from .onnx_reshape import fold_layer_reshape_bn  # imports this module
+            return fold_layer_reshape_bn(self, bn, layer, scale, shift)
         constants = self._weight_and_bias(layer)
         if isinstance(constants, Kept):
             return constants
