@@ -27,8 +27,8 @@ def test_train_and_export_writes_figures_and_report(tiny_run):
     assert all(row[-1] == "ok" for row in report.tables["parity"][1:])
     bn_node = next(n.name for n in onnx.load(str(tiny_run / "model.onnx")).graph.node if n.op_type == "BatchNormalization")
     assert report.tables["folding"] == [["graph", "BatchNorm", "ONNX node", "status", "folded into / reason kept"],
-                                        ["torch", "bn1", "", "folded", "conv1"],
-                                        ["onnx", "bn1", bn_node, "folded", "conv1"]]
+                                        ["torch", "bn1", "", "folded", "conv1 (BN after it)"],
+                                        ["onnx", "bn1", bn_node, "folded", "conv1 (BN after it)"]]
     [header, health] = report.tables["health"]
     assert health[:3] == ["bn1", "16", "conv1"]
     # Drift, against eager torch: conv1's output on the figure batch against bn1's running statistics.
