@@ -29,8 +29,14 @@ The same two maps, applied where the BN is not next to one layer:
   the axis BN normalises, so it is Linear → BN on a 2-D tensor: w' = w · s, b' = b · s + t.
 - **Into quantized weights** (DequantizeLinear(q, δ, z) → Conv → BN). The weight is
   w = (q − z) · δ, so w · s = (q − z) · (δ · s): the BN's scale moves into the dequantize
-  scale, per output channel (a per-tensor δ becomes per-channel), and q is untouched. The
-  shift goes into the bias as above.
+  scale, per output channel (a per-tensor δ becomes per-channel), and q is untouched. A
+  channel with s < 0 is mirrored around z, so its scale stays positive as quantizers write
+  it: (q − z) · δ · s = (q' − z) · δ · |s| with q' = 2z − q, exact in integers and kept only
+  when q' stays within the dtype (int8 −128 with z = 0 does not). The shift goes into the
+  bias as above.
+- **Inside a function**: a model-local ONNX function's body is a graph like any other, so each
+  fold above applies in it; where the weights are the function's inputs, each call site binds
+  its own folded copy.
 
 The functions below use only arithmetic, ``reshape`` and ``sum``, so the same code serves
 torch tensors (module folding) and numpy arrays (ONNX initializers). Callers compute s and t
