@@ -4,6 +4,7 @@
   the concatenation and folds s[R_i], t[R_i] (``maths`` docstring, "After a Concat").
 - ``layer_1(x) + … + layer_k(y)`` → BN (``+``, ``+=``, ``torch.add`` and ``Tensor.add`` without
   a scale, nested for more than two): every layer folds s, exactly one folds t ("After an Add").
+  The operands may broadcast over the batch and spatial axes, as in ONNX, but must have one rank.
 
 Each layer is a Conv, ConvTranspose or Linear (on a 2-D tensor) called at this one site and
 feeding nothing but the concatenation or the sum, whose result feeds nothing but the BN.
@@ -121,13 +122,15 @@ def split_reason(folder: ModuleFolder, site: Site, split: Split) -> tuple[tuple[
         return ("shape_mismatch", f"the layers summed before it have {', '.join(map(str, counts))} output channels, "
                                   f"the BN {channels}"), []
     if folder.example is None:
-        return ("shape_mismatch", "a sum of layers folds only when no operand broadcasts; pass example_input "
+        return ("shape_mismatch", "a sum of layers folds only when their channel axes line up; pass example_input "
                                   "so the shapes are known"), []
+    # broadcasting over batch or spatial axes keeps the fold exact (s and t do not vary along them);
+    # operands of different ranks are aligned from the right, which puts their channels on different axes
     shapes = [folder._observe().shapes.get(id(layer)) for _, layer in branches]
-    if any(shape is None for shape in shapes) or len(set(shapes)) > 1:
+    if any(shape is None for shape in shapes) or len({len(shape) for shape in shapes}) > 1:
         return ("shape_mismatch", "the layers summed before it have outputs of shapes "
                                   f"{', '.join(str(list(s)) if s is not None else '?' for s in shapes)}: "
-                                  "the sum broadcasts, so it is not the sum of the layers' folds"), []
+                                  "their channels are not on one axis, so it is not the sum of the layers' folds"), []
     return None, branches
 
 

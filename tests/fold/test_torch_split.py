@@ -258,8 +258,6 @@ class Guarded(nn.Module):
         if case == "partial_sum_feeds_more":
             s = a + self.b(x)
             return self.bn(s + self.c(x)) + s
-        if case == "broadcast":
-            return self.bn(a + self.wide(x))
         if case == "alpha":
             return self.bn(torch.add(a, self.b(x), alpha=2))
         raise ValueError(case)
@@ -275,7 +273,6 @@ class Guarded(nn.Module):
     ("computed_dim", "shape_mismatch", "a computed dim"),
     ("join_feeds_more", "multiple_consumers", "the concatenation before it also feeds something else"),
     ("partial_sum_feeds_more", "multiple_consumers", "a partial sum before it also feeds something else"),
-    ("broadcast", "shape_mismatch", "[2, 4, 5, 5], [2, 4, 1, 1]"),
     ("alpha", "no_linear_neighbour", "comes from add"),
 ])
 def test_each_guard_keeps_the_bn_with_its_reason_code(case, code, words):
@@ -289,6 +286,45 @@ def test_each_guard_keeps_the_bn_with_its_reason_code(case, code, words):
     with torch.no_grad():  # nothing was folded: not one layer half-changed
         assert torch.equal(folded(x), model(x))
         assert all(torch.equal(p, q) for p, q in zip(model.state_dict().values(), folded.state_dict().values()))
+
+
+class SpatialBroadcast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.wide = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 5)  # 5×5 input → 1×1
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.a(x) + self.wide(x))
+
+
+def test_a_sum_broadcast_over_spatial_axes_folds():
+    model = randomize_bn(SpatialBroadcast())
+    x = torch.randn(2, 3, 5, 5)
+    _, report = assert_folds_exactly(model, x)
+    assert report.records[0].split_over == ["a", "wide"]
+
+
+class MixedRanks(nn.Module):
+    """A 1-D conv's [4, C, W] output broadcast against a 2-D conv's [N, C, H, W]: its channels land on H."""
+
+    def __init__(self):
+        super().__init__()
+        self.flat, self.image, self.bn = nn.Conv1d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)
+
+    def forward(self, image, rows):
+        return self.bn(self.image(image) + self.flat(rows))
+
+
+def test_a_sum_of_different_ranks_is_kept():
+    model = randomize_bn(MixedRanks())
+    inputs = (torch.randn(2, 3, 4, 6), torch.randn(4, 3, 6))
+    folded, report = fold_module(model, example_inputs=inputs)
+    record = report.records[0]
+    assert (record.status, record.reason_code) == ("kept", "shape_mismatch")
+    assert "[2, 4, 4, 6], [4, 4, 6]" in record.reason
+    with torch.no_grad():
+        assert torch.equal(folded(*inputs), model(*inputs))
 
 
 def test_linear_summed_on_3d_input_is_kept():
