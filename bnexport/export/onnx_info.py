@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from ..errors import BnexportError
+from ..fold.fold_report import describe_decision
 from ..fold.onnx_graph import GraphIndex, node_label
 from ..fold.onnx_names import ModuleNamer
 from ..fold.onnx_patterns import fold_graph
@@ -112,8 +113,7 @@ def _batchnorms(model: onnx.ModelProto) -> list[BatchNormInfo]:
     problem = "not analysed"
     try:
         _, report = fold_graph(model)
-        decisions = {r.batchnorm: (r.status == "folded", f"{r.folded_into} (BN {r.position} it)" if r.status == "folded" else r.reason)
-                     for r in report.records}
+        decisions = {r.batchnorm: (r.status == "folded", describe_decision(asdict(r))) for r in report.records}
         modules = {r.batchnorm: r.module for r in report.records}
     except BnexportError as err:  # invalid statistics: report the cause on every BN rather than fail the listing
         decisions = {}

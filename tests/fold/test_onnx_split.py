@@ -14,6 +14,7 @@ from hypothesis import given, settings, strategies as st
 from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
+from bnexport.export.onnx_info import describe_onnx
 from bnexport.fold import fold_onnx
 from bnexport.fold.onnx_patterns import ABSORBED_PREFIX
 from fold.models import EXPORTERS, bn_initializers, bn_node, count_bn_nodes, ort_run, randomize_bn, relative_error
@@ -326,6 +327,8 @@ def test_exported_splits_fold(exporter, module, shape, through):
     layers = [name for name, child in model.named_children() if not isinstance(child, nn.BatchNorm1d | nn.BatchNorm2d)]
     assert (record.through, record.split_over_modules, record.module) == (through, layers, "bn")
     assert f"split over {', '.join(layers)} ({through})" in report.table()
+    [listed] = describe_onnx(original).batchnorms  # what `bnexport inspect` shows before any fold
+    assert listed.foldable and listed.detail == f"split over {', '.join(layers)} ({through})"
     x = np.random.default_rng(3).standard_normal(shape).astype(np.float32) * 3
     assert relative_error(ort_run(original, x), ort_run(folded, x)) < 1e-5
     with torch.no_grad():
