@@ -13,6 +13,11 @@ Patterns, each exact in eval mode:
   commutes with the Pad and folds into the Conv as above. The Pad then reads the BN's input.
   Constant padding writes a value the BN never shifted, so it is kept (``zero_padding``).
 
+The patterns over several nodes live in their own modules, called from ``fold_after``:
+``onnx_split`` (BN after a Concat, Add or Sum of layers), ``onnx_reshape`` (LeViT's token BN:
+MatMul or Gemm → Reshape or Flatten → BN) and ``onnx_quantized`` (a layer whose weight is a
+DequantizeLinear). ``maths`` derives each of them.
+
 Every graph is folded: the main graph, and the bodies of If, Loop and Scan at any depth,
 whose weights may live in an enclosing graph (``onnx_graph`` says what counts as a constant).
 BatchNorms inside model-local functions fold at their call sites (``onnx_functions``).
