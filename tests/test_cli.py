@@ -47,7 +47,7 @@ def test_fold_json_names_each_batchnorm_by_module_and_node(tiny_run):
     fold = read_json(tiny_run / "fold.json")
     nodes = {node.op_type: node.name for node in onnx.load(str(tiny_run / "model.onnx")).graph.node}
     folded = {"status": "folded", "reason": None, "position": "after", "reason_code": None,
-              "split_over": None, "split_over_modules": None, "through": None}
+              "split_over": None, "split_over_modules": None, "through": None, "into_scale": False}
     assert fold["torch"]["records"] == [{"batchnorm": "bn1", "folded_into": "conv1", "module": "bn1",
                                          "folded_into_module": "conv1", **folded}]
     assert fold["onnx"]["records"] == [{"batchnorm": nodes["BatchNormalization"], "folded_into": nodes["Conv"],

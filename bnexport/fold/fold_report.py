@@ -54,6 +54,7 @@ class FoldRecord:
     split_over: list[str] | None = None
     split_over_modules: list[str] | None = None
     through: str | None = None  # the op between the BN and its layer(s): "Concat", "Add", "Pad", "Reshape", ...
+    into_scale: bool = False  # a quantized layer: the BN's scale went into its DequantizeLinear scale, q unchanged
 
     @property
     def name(self) -> str:
@@ -119,7 +120,7 @@ def _decision(record: FoldRecord) -> str:
 
 def describe_decision(record: dict) -> str:
     """What happened to one BN, in words, from a fold.json record (older files lack the newer keys):
-    "layer1.0.conv1 (BN after it)", "conv (BN before it, through Pad)",
+    "layer1.0.conv1 (BN after it)", "conv (BN before it, through Pad)", "conv (BN after it, into its dequantize scale)",
     "split over layer3.conv_a, layer3.conv_b (Concat)", or the reason it was kept."""
     if record.get("status") != FOLDED:
         return record.get("reason") or ""
@@ -130,5 +131,6 @@ def describe_decision(record: dict) -> str:
     into = record.get("folded_into_module") or record.get("folded_into")
     how = [f"BN {record['position']} it"] if record.get("position") else []
     how += [f"through {through}"] if through else []
+    how += ["into its dequantize scale"] if record.get("into_scale") else []
     return f"{into} ({', '.join(how)})" if how else str(into)
 

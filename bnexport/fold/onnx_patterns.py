@@ -52,7 +52,6 @@ from .onnx_graph import (CONSTANT_OPS, ONNX_DOMAINS, GraphIndex, all_names, attr
 from .fold_report import FOLDED, KEPT, FoldRecord, FoldReport
 from .onnx_names import ModuleNamer
 from .onnx_functions import fold_functions, functions_hold_batchnorm
-from .onnx_quantized import fold_quantized_then_bn, quantized_weight
 
 ABSORBED_PREFIX = "bnexport: absorbed BatchNormalization"
 
@@ -75,6 +74,7 @@ class Absorbed(NamedTuple):
 
     layers: list[onnx.NodeProto]
     through: str | None = None  # "Pad", "Concat", "Add", "Reshape", ...
+    into_scale: bool = False  # the BN's scale went into the layer's DequantizeLinear scale, not its weight
 
 
 class FoldContext:
@@ -261,6 +261,8 @@ class GraphFolder:
         if layer.op_type in ("Concat", "Sum"):  # BN over several layers
             from .onnx_split import fold_concat_then_bn, fold_sum_then_bn
             return (fold_concat_then_bn if layer.op_type == "Concat" else fold_sum_then_bn)(self, bn, layer, scale, shift)
+        from .onnx_quantized import fold_quantized_then_bn, quantized_weight  # imports this module
+
         dequantize = quantized_weight(self, layer)
         if dequantize is not None:
             return fold_quantized_then_bn(self, bn, layer, dequantize, scale, shift)
@@ -328,6 +330,8 @@ class GraphFolder:
                 continue
             if index.value_use_count(layer.output[0]) > 1:
                 return Kept("multiple_consumers", f"the {layer.op_type}'s output feeds more than the Add")
+            from .onnx_quantized import fold_quantized_then_bn, quantized_weight  # imports this module
+
             dequantize = quantized_weight(self, layer)
             if dequantize is not None:
                 return fold_quantized_then_bn(self, bn, layer, dequantize, scale, shift, add=add,
@@ -627,7 +631,8 @@ class GraphFolder:
             absorbed = Absorbed([absorbed])
         first = absorbed.layers[0]
         record = FoldRecord(label, FOLDED, folded_into=node_label(first), position=position, module=module,
-                            folded_into_module=self.names.path(first), through=absorbed.through)
+                            folded_into_module=self.names.path(first), through=absorbed.through,
+                            into_scale=absorbed.into_scale)
         if len(absorbed.layers) > 1:
             record.split_over = [node_label(layer) for layer in absorbed.layers]
             paths = [self.names.path(layer) for layer in absorbed.layers]

@@ -41,16 +41,13 @@ in value, since the rounding sits between them, and is kept (``no_linear_neighbo
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 import onnx
 from onnx import helper
 
 from .onnx_graph import ONNX_DOMAINS, attribute, node_label, set_attribute
+from .onnx_patterns import ABSORBED_PREFIX, Absorbed, GraphFolder, Kept, _note
 
-if TYPE_CHECKING:
-    from .onnx_patterns import GraphFolder, Kept
 
 QUANTIZED_DTYPES = {"int8", "uint8", "int16", "uint16", "int32"}
 SCALE_DTYPES = {"float16", "float32"}
@@ -58,7 +55,7 @@ FIRST_PER_CHANNEL_OPSET = 13  # DequantizeLinear's ``axis`` attribute
 EXACT_INTEGER = 1e-6  # q_b' is an integer when within this fraction of itself (float32 rounding of the product)
 
 
-def quantized_weight(folder: "GraphFolder", layer: onnx.NodeProto) -> onnx.NodeProto | None:
+def quantized_weight(folder: GraphFolder, layer: onnx.NodeProto) -> onnx.NodeProto | None:
     """The DequantizeLinear that computes ``layer``'s weight, or None (one dict lookup: no cost for float layers)."""
     if len(layer.input) < 2:
         return None
@@ -76,7 +73,7 @@ def _output_axis(layer: onnx.NodeProto) -> int:
     return 1  # ConvTranspose (C_in, C_out / groups, ...), MatMul (K, N)
 
 
-def fold_quantized_then_bn(folder: "GraphFolder", bn: onnx.NodeProto, layer: onnx.NodeProto,
+def fold_quantized_then_bn(folder: GraphFolder, bn: onnx.NodeProto, layer: onnx.NodeProto,
                            dequantize: onnx.NodeProto, scale: np.ndarray, shift: np.ndarray, *,
                            add: onnx.NodeProto | None = None, add_position: int | None = None,
                            add_constant: np.ndarray | None = None) -> "Kept | onnx.NodeProto":
@@ -84,7 +81,6 @@ def fold_quantized_then_bn(folder: "GraphFolder", bn: onnx.NodeProto, layer: onn
 
     Every guard runs before the first write, so a kept BN leaves the graph as it was.
     """
-    from .onnx_patterns import ABSORBED_PREFIX, Kept, _note
 
     index = folder.index
     op = layer.op_type
@@ -149,12 +145,11 @@ def fold_quantized_then_bn(folder: "GraphFolder", bn: onnx.NodeProto, layer: onn
     folder.remove_bn(bn, absorbed_by=add if add is not None else layer, after=True)
     if add is not None:
         _note(layer, f"{ABSORBED_PREFIX} '{node_label(bn)}' (weight)")
-    return layer
+    return Absorbed([layer], into_scale=True)
 
 
-def _dequantize_parts(folder: "GraphFolder", dequantize: onnx.NodeProto):
+def _dequantize_parts(folder: GraphFolder, dequantize: onnx.NodeProto):
     """(q, δ, z) of a DequantizeLinear, z an array of zeros when absent; or why they do not fold."""
-    from .onnx_patterns import Kept
 
     index = folder.index
     names = list(dequantize.input) + [""] * (3 - len(dequantize.input))
@@ -180,7 +175,6 @@ def _dequantize_parts(folder: "GraphFolder", dequantize: onnx.NodeProto):
 
 def _flipped(q: np.ndarray, zero_c: np.ndarray, negative: np.ndarray, axis: int) -> np.ndarray:
     """q with q' = 2z − q on the channels whose scale turns negative; ``q`` itself when none does."""
-    from .onnx_patterns import Kept
 
     if not negative.any():
         return q
@@ -199,12 +193,11 @@ def _flipped(q: np.ndarray, zero_c: np.ndarray, negative: np.ndarray, axis: int)
     return flipped.astype(q.dtype)
 
 
-def _bias_plan(folder: "GraphFolder", layer, dequantize, through_add: bool, scale, shift, new_delta, channels):
+def _bias_plan(folder: GraphFolder, layer, dequantize, through_add: bool, scale, shift, new_delta, channels):
     """What to write as the layer's bias, as a function of the folder (run after every guard); or why not.
 
     Through an Add the Add's constant takes the shift, and the layer's own bias only the scale.
     """
-    from .onnx_patterns import Kept
 
     index = folder.index
     op = layer.op_type
@@ -249,7 +242,7 @@ def _float_dtype(dequantize: onnx.NodeProto, scale_dtype: np.dtype) -> np.dtype:
     return helper.tensor_dtype_to_np_dtype(output_dtype) if output_dtype else scale_dtype
 
 
-def _store_float_bias(folder: "GraphFolder", layer: onnx.NodeProto, value: np.ndarray, dtype: np.dtype) -> None:
+def _store_float_bias(folder: GraphFolder, layer: onnx.NodeProto, value: np.ndarray, dtype: np.dtype) -> None:
     folder.store(layer, 2, value, dtype=dtype)
     if layer.op_type == "Gemm":
         set_attribute(layer, "beta", 1.0)
@@ -257,7 +250,6 @@ def _store_float_bias(folder: "GraphFolder", layer: onnx.NodeProto, value: np.nd
 
 def _dequantized_bias_plan(folder, layer, bias_dq, scale, added, new_delta, channels):
     """A bias DequantizeLinear(int32 q_b, δ_b, 0): requantized where exact, else a float constant (see the module)."""
-    from .onnx_patterns import Kept
 
     index = folder.index
     names = list(bias_dq.input) + [""] * (3 - len(bias_dq.input))

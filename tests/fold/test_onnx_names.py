@@ -82,7 +82,7 @@ def test_resnet18_fold_report_names_modules_and_layers(resnet18, resnet18_onnx):
         assert original[record.folded_into].input[1] == f"{record.folded_into_module}.weight"
     record = report.to_json()["records"][0]
     assert set(record) == {"batchnorm", "status", "folded_into", "reason", "position", "reason_code", "module",
-                           "folded_into_module", "split_over", "split_over_modules", "through"}
+                           "folded_into_module", "split_over", "split_over_modules", "through", "into_scale"}
     assert (record["module"], record["folded_into_module"]) == ("bn1", "conv1")
 
 

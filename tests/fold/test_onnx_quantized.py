@@ -94,7 +94,9 @@ def assert_folds_exactly(original: onnx.ModelProto, *, quantum_steps: float = 1.
     """Folded, valid, and the BN's output equal to float32 rounding; y_q (after QuantizeLinear) may move by one step
     where the float output sits on a rounding boundary."""
     folded, report = fold_onnx(original, check=False)
-    assert [(r.status, r.folded_into, r.position) for r in report.records] == [("folded", "conv", "after")], report.table()
+    assert [(r.status, r.folded_into, r.position, r.into_scale) for r in report.records] == \
+        [("folded", "conv", "after", True)], report.table()
+    assert "conv (BN after it, into its dequantize scale)" in report.table()
     assert count_bn_nodes(folded) == 0
     onnx.checker.check_model(folded, full_check=True)
     conv = next(n for n in folded.graph.node if n.op_type == "Conv")
