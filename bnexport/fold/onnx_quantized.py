@@ -23,8 +23,9 @@ this module decides is how to write that so runtimes accept it and the numbers d
   QDQ format, must keep δ_b = δ_x · δ_w (input scale times weight scale) for runtimes that fuse
   the group into QLinearConv, which reads q_b and assumes that scale. So the bias is
   requantized with δ_b' = δ_x · δ_w' only where q_b' = b'/δ_b' is an integer to float32 rounding
-  and fits int32 (a BN without shift, a bias scaled only); otherwise the dequantized bias is
-  replaced by the float constant b' and its DequantizeLinear dropped. That is exact in ONNX
+  and fits q_b's dtype, which its zero point shares (a BN without shift, a bias scaled only);
+  otherwise the dequantized bias is replaced by the float constant b' and its DequantizeLinear
+  dropped. That is exact in ONNX
   semantics, and ONNX Runtime (1.32, optimisations on) still fuses DequantizeLinear → Conv →
   QuantizeLinear into one QLinearConv: it quantizes a float bias itself, with the scale
   δ_x · δ_w. Before the fold it could not fuse at all, the BN sitting between the Conv and its
@@ -272,14 +273,14 @@ def _dequantized_bias_plan(folder, layer, bias_dq, scale, added, new_delta, chan
     with np.errstate(divide="ignore", invalid="ignore"):
         new_q_b = value / new_delta_b.astype(np.float64)
     rounded = np.round(new_q_b)
-    limits = np.iinfo(np.int32)
+    limits = np.iinfo(q_b.dtype)  # q_b keeps its dtype, which its zero point shares (int32 in the QDQ format)
     exact = bool(np.all(np.isfinite(new_q_b)) and np.all(np.abs(new_q_b - rounded) <= EXACT_INTEGER * np.maximum(1, np.abs(rounded)))
                  and np.all((rounded >= limits.min) & (rounded <= limits.max)) and not np.any(zero_b_c))
     sole_reader = index.value_use_count(bias_dq.output[0]) == 1 and bias_dq.output[0] not in index.graph_outputs
     float_dtype = _float_dtype(bias_dq, delta_b.dtype)
 
     def requantize(f):
-        f.store(bias_dq, 0, rounded, dtype=np.int32)
+        f.store(bias_dq, 0, rounded, dtype=q_b.dtype)
         f.store(bias_dq, 1, new_delta_b, dtype=delta_b.dtype)
         if names[2]:
             f.store(bias_dq, 2, np.zeros(channels), dtype=zero_b.dtype)

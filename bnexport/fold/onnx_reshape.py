@@ -50,6 +50,7 @@ import onnx
 
 from .onnx_graph import ONNX_DOMAINS, attribute, node_label, set_attribute
 from .onnx_patterns import ABSORBED_PREFIX, FOLDABLE_DTYPES, Absorbed, GraphFolder, Kept, _note, _work_dtype
+from .onnx_quantized import quantized_weight
 
 LAYERS = ("MatMul", "Gemm")
 
@@ -139,6 +140,9 @@ def _layer_weights(folder: GraphFolder, layer: onnx.NodeProto, channels: int
                    ) -> tuple[np.ndarray, np.ndarray | None] | Kept:
     """The layer's weight (and a Gemm's C), checked to have ``channels`` output features."""
     index = folder.index
+    if quantized_weight(folder, layer) is not None:  # its constants are q, δ and z, not the weight itself
+        return Kept("not_constant", f"the {layer.op_type}'s weight is dequantized (DequantizeLinear), which folds "
+                                    "into a layer right before the BN, not through a Reshape")
     if layer.op_type == "Gemm":
         constants = folder._weight_and_bias(layer)
         if isinstance(constants, Kept):

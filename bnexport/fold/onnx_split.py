@@ -29,6 +29,7 @@ import onnx
 from .onnx_graph import ONNX_DOMAINS, attribute, node_label, set_attribute
 from .onnx_patterns import (ABSORBED_PREFIX, FOLDABLE_DTYPES, Absorbed, GraphFolder, Kept, _note, _output_channels,
                             _work_dtype)
+from .onnx_quantized import quantized_weight
 
 LAYER_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 SUM_OPS = ("Add", "Sum")
@@ -195,6 +196,9 @@ def _single_use(index, node: onnx.NodeProto, reader: str) -> Kept | None:
 
 def _layer_branch(folder: GraphFolder, layer: onnx.NodeProto, what: str) -> Branch | Kept:
     index = folder.index
+    if quantized_weight(folder, layer) is not None:  # its constants are q, δ and z, not the weight itself
+        return Kept("not_constant", f"the weight of {layer.op_type} '{node_label(layer)}' is dequantized "
+                                    "(DequantizeLinear), which folds into a layer alone, not one of several")
     if layer.op_type == "MatMul":
         weight = index.constant(layer.input[1])
         if weight is None or weight.ndim != 2 or index.constant(layer.input[0]) is not None:

@@ -248,6 +248,20 @@ def test_quantized_bias_is_requantized_when_exact(per_channel):
     np.testing.assert_array_equal(np.sign(q_b[1]), -np.sign(initializer(original, "b_q")[1]))
 
 
+def test_an_int8_quantized_bias_stays_int8_beside_its_zero_point():
+    # DequantizeLinear needs q_b and its zero point of one dtype: an int32 q_b beside an int8 zero point is invalid
+    original = quantized_model(int8_weight(), 0.02, np.int8(0), bias="dq", qdq_input=True, gamma=[0.7, -1.3, 1.1, 0.4],
+                               shift_free=True)
+    q_b = next(t for t in original.graph.initializer if t.name == "b_q")
+    narrow = np.clip(numpy_helper.to_array(q_b), -100, 100).astype(np.int8)
+    q_b.CopyFrom(numpy_helper.from_array(narrow, "b_q"))
+    original.graph.initializer.append(numpy_helper.from_array(np.int8(0), "b_zero"))
+    next(n for n in original.graph.node if n.name == "dq_b").input.append("b_zero")
+    folded = assert_folds_exactly(original)
+    bias_dq = next(n for n in folded.graph.node if n.name == "dq_b")
+    assert {initializer(folded, name).dtype for name in bias_dq.input if name != bias_dq.input[1]} == {np.dtype(np.int8)}
+
+
 def test_a_dequantize_read_by_two_convs_is_kept():
     model = quantized_model(int8_weight(), 0.02, np.int8(0))
     model.graph.node.append(helper.make_node("Conv", ["x", "w"], ["c2"], name="conv2"))

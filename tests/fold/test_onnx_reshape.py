@@ -361,3 +361,17 @@ def test_levit_128_folds_every_batchnorm():
             "Flatten" if exporter == "torchscript" else "Reshape"] == 58, exporter
         assert len(folded.graph.node) < len(original.graph.node)
         assert relative_error(ort_run(original, x.numpy()), ort_run(folded, x.numpy())) < 1e-5, exporter
+
+
+def test_a_quantized_weight_is_kept_and_says_so():
+    original = token_model(target=[-1, C], opset=13)
+    weight = next(t for t in original.graph.initializer if t.name == "w")
+    q = np.random.default_rng(0).integers(-127, 128, tuple(weight.dims)).astype(np.int8)
+    weight.CopyFrom(numpy_helper.from_array(q, "w_q"))
+    original.graph.initializer.append(numpy_helper.from_array(np.float32(0.02), "w_scale"))
+    original.graph.node.insert(0, helper.make_node("DequantizeLinear", ["w_q", "w_scale"], ["w"], name="dq_w"))
+    onnx.checker.check_model(original, full_check=True)
+    folded, report = fold_onnx(original, check=False)
+    assert count_bn_nodes(folded) == 1 and folded == original
+    assert report.kept[0].reason_code == "not_constant"
+    assert "weight is dequantized (DequantizeLinear)" in report.kept[0].reason  # not "the weight is not a constant"

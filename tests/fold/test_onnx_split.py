@@ -353,3 +353,20 @@ def test_an_exported_dense_concat_is_kept(exporter):
     folded, report = fold_onnx(original, check=False)
     assert count_bn_nodes(folded) == 1
     assert report.kept[0].reason_code == "no_linear_neighbour" and "comes from Relu" in report.kept[0].reason
+
+
+def test_a_concat_of_quantized_layers_is_kept_and_says_so():
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.integers(-127, 128, (width, IN_CHANNELS, 1, 1)).astype(np.int8), f"q{i}")
+             for i, width in enumerate((3, 5))]
+    inits += [numpy_helper.from_array(np.float32(0.02), "delta"), *bn_initializers("bn", 8, rng)]
+    nodes = [helper.make_node("DequantizeLinear", [f"q{i}", "delta"], [f"w{i}"], name=f"dq{i}") for i in range(2)]
+    nodes += [helper.make_node("Conv", ["x", f"w{i}"], [f"c{i}"], name=f"conv{i}") for i in range(2)]
+    nodes += [helper.make_node("Concat", ["c0", "c1"], ["joined"], name="concat", axis=1), bn_node("bn", "joined", "y")]
+    graph = helper.make_graph(nodes, "quantized_concat", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8, 4, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    folded, report = fold_onnx(model, check=False)
+    assert count_bn_nodes(folded) == 1 and folded == model
+    assert report.kept[0].reason_code == "not_constant"
+    assert "'conv0' is dequantized (DequantizeLinear)" in report.kept[0].reason  # not "the weight is not a constant"
