@@ -36,6 +36,7 @@ is ``<call site>/<BN node>``, and its module path is the one the call site's ten
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, replace
 
 import onnx
@@ -243,7 +244,7 @@ def _probe(model: onnx.ModelProto, function: onnx.FunctionProto, site: _Site) ->
 def _site_records(function: onnx.FunctionProto, site: _Site, report) -> list[FoldRecord]:
     """The body's records, named after the call site: its label, and the modules its tensors name."""
     call_label = node_label(site.call)
-    site_module = site.folder.names.path(site.call)
+    site_module = _call_module(site)
     body = {node_label(node): node for node in function.node}
 
     def module(label: str) -> str | None:
@@ -264,6 +265,18 @@ def _site_records(function: onnx.FunctionProto, site: _Site, report) -> list[Fol
             records.append(replace(record, batchnorm=label, module=module(record.batchnorm),
                                    reason=reason + (record.reason or "")))
     return records
+
+
+def _call_module(site: _Site) -> str | None:
+    """The call site's module: the one its name records, unless that lies inside the module that
+    holds every tensor the call binds. The TorchScript exporter may name a call after the last
+    child module its body ran (``/l1/l1.0/relu/Block``, whose tensors are ``l1.0.conv1.weight`` …)."""
+    named = site.folder.names.path(site.call)
+    owners = [actual.split(".")[:-1] for actual in site.bound.values() if "." in actual]
+    if named is None or not owners:
+        return named
+    holder = ".".join(os.path.commonprefix(owners))  # element by element: the common leading atoms
+    return holder if holder and named.startswith(f"{holder}.") else named
 
 
 def _module_of(node: onnx.NodeProto | None, function: onnx.FunctionProto, site: _Site,

@@ -6,7 +6,8 @@ Patterns, each exact in eval mode:
   A BN whose module runs more after normalising (timm's ``BatchNormAct2d``: dropout and
   activation) folds this way too, and the module is replaced by what remains of it.
 - BN → Conv1/2/3d without zero padding, BN → Linear: the BN is folded into the layer after it,
-  also through a reflect, replicate or circular pad (``F.pad`` or a padding module) before the conv.
+  also through a reflect, replicate or circular pad of its spatial axes (``F.pad`` or a padding module)
+  before the conv.
 - A concatenation or a sum of such layers → BN: the BN is split over the layers (``torch_split``).
 
 A site is a BN module's call, or an ``F.batch_norm`` call whose statistics are a module's
@@ -453,6 +454,8 @@ class ModuleFolder:
             if rank != 2:
                 return "shape_mismatch", (f"Linear → BN on {rank}-D input: BN normalises axis 1, "
                                           f"the Linear's features are the last axis")
+        elif _unbatched(self._rank(layer, 1), layer):
+            return "shape_mismatch", f"the {name} runs on unbatched input: its channels are axis 0, the BN normalises axis 1"
         return None
 
     def _before_reason(self, site: Site, feed: fx.Node, layer_node: fx.Node, layer: nn.Module, *,
@@ -473,7 +476,13 @@ class ModuleFolder:
         if pad not in (None, *_COPYING_PADS):
             return "zero_padding", (f"it precedes a {pad} pad and a {name}: the padded border is not shifted, "
                                     f"so the fold is inexact")
+        if pad is not None:
+            why = _pad_axes_reason(feed, site.part, spatial=layer.weight.dim() - 2 if kind == "conv" else 0)
+            if why is not None:
+                return why
         if kind == "conv":
+            if _unbatched(self._rank(layer, 0), layer):
+                return "shape_mismatch", f"the {name} runs on unbatched input: its channels are axis 0, the BN normalises axis 1"
             if pads_zeros(layer):
                 return "zero_padding", (f"it precedes a {name} with zero padding: the padded border is not shifted, "
                                         f"so the fold is inexact")
@@ -510,6 +519,31 @@ def _pad_mode(node, part: Part) -> str | None:
     if node.op == "call_function" and node.target is F.pad:
         mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
         return mode if isinstance(mode, str) else None
+    return None
+
+
+def _unbatched(rank: int | None, conv: nn.Module) -> bool:
+    """Whether the example ran ``conv`` without a batch axis (Conv1d on (C, L)); unknown without one."""
+    return rank is not None and rank != conv.weight.dim()
+
+
+def _pad_axes_reason(pad: fx.Node, part: Part, *, spatial: int) -> tuple[str, str] | None:
+    """Why a pad between the BN and the layer does not commute with the BN, or None when it does.
+
+    The BN commutes with a pad of the layer's ``spatial`` last axes only. F.pad and the padding
+    modules pad as many last axes as their amounts have pairs, so a longer tuple reaches the
+    channel axis (a 6-tuple on a 4-D tensor): even with the channel count unchanged, as with
+    (1, -1), channel c then holds another channel's values, which channel c's scale does not fit.
+    """
+    if pad.op == "call_module":
+        amounts = getattr(part.modules[pad.target], "padding", None)
+    else:
+        amounts = pad.args[1] if len(pad.args) > 1 else pad.kwargs.get("pad")
+    if not isinstance(amounts, (tuple, list)) or not all(type(a) is int for a in amounts):
+        return "not_constant", "the pad before the layer has amounts computed at each call"
+    if any(amounts[2 * spatial:]):
+        return "shape_mismatch", (f"the pad before the layer pads {len(amounts) // 2} axes, beyond the layer's "
+                                  f"{spatial} spatial one{'s' if spatial != 1 else ''}: it moves values across channels")
     return None
 
 

@@ -374,3 +374,31 @@ def test_torchscript_export_modules_as_functions_folds_every_block(bias):
     with torch.no_grad():
         eager = model(example).numpy()
     assert relative_error(eager, run(folded, {"x": example.numpy()})[0]) < 1e-5
+
+
+class ConvBnReluModuleBlock(nn.Module):
+    """Ends with a ReLU module: the TorchScript exporter names each call ``/blocks/blocks.0/relu/…Block``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+        self.relu = nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+def test_module_paths_come_from_the_bound_tensors_when_the_call_is_named_after_a_child():
+    model = randomize_bn(nn.Sequential(*(ConvBnReluModuleBlock(4) for _ in range(2))), seed=2)
+    example = torch.randn(1, 4, 6, 6)
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), buffer, dynamo=False, export_modules_as_functions={ConvBnReluModuleBlock},
+                          opset_version=17, do_constant_folding=False, input_names=["x"], output_names=["y"])
+    original = onnx.load_from_string(buffer.getvalue())
+    assert all(node.name.endswith("/relu/ConvBnReluModuleBlock") for node in original.graph.node)
+    folded, report = fold_onnx(original)
+    assert [(r.module, r.folded_into_module) for r in report.records] == [(f"{k}.bn", f"{k}.conv") for k in range(2)]
+    assert_exact(original, folded)

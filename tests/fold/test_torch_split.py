@@ -449,3 +449,59 @@ def test_bn_then_identity_or_eval_dropout_then_linear(between):
     model = randomize_bn(nn.Sequential(nn.BatchNorm1d(5), between(), nn.Linear(5, 3)))
     _, report = assert_folds_exactly(model, torch.randn(4, 5))
     assert (report.records[0].folded_into, report.records[0].position) == ("2", "before")
+
+
+class BnChannelPadConv(nn.Module):
+    """A copying pad whose amounts reach the channel axis: (1, -1) there keeps three channels but shifts them."""
+
+    def __init__(self, mode: str, module_pad: bool):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.mode = mode
+        amounts = (1, 1, 0, 0, 1, -1)
+        self.amounts = amounts
+        self.pad = {"reflect": nn.ReflectionPad3d, "replicate": nn.ReplicationPad3d,
+                    "circular": nn.CircularPad3d}[mode](amounts) if module_pad else None
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.bn(x)
+        y = self.pad(y) if self.pad is not None else F.pad(y, self.amounts, mode=self.mode)
+        return self.conv(y)
+
+
+@pytest.mark.parametrize("module_pad", [False, True], ids=["F.pad", "module"])
+@pytest.mark.parametrize("mode", ["reflect", "replicate", "circular"])
+def test_a_pad_that_reaches_the_channel_axis_is_kept(mode, module_pad):
+    model = randomize_bn(BnChannelPadConv(mode, module_pad))
+    x = torch.randn(2, 3, 6, 6)
+    folded, report = fold_module(model, example_input=x, check=False)
+    assert [(r.status, r.reason_code) for r in report.records] == [("kept", "shape_mismatch")], report.table()
+    assert executed_batch_norms(folded, x) == 1
+    assert float64_error(model, folded, x) < 1e-12
+
+
+class Unbatched(nn.Module):
+    """A Conv1d run on (C, L): its channels are axis 0, while BatchNorm1d on that 2-D tensor normalises axis 1."""
+
+    def __init__(self, order: str):
+        super().__init__()
+        self.order = order
+        self.bn = nn.BatchNorm1d(4)
+        self.conv = nn.Conv1d(4, 4, 1) if order == "conv_bn" else nn.Conv1d(4, 2, 3)
+
+    def forward(self, x):
+        if self.order == "conv_bn":
+            return self.bn(self.conv(x))
+        y = self.bn(x)
+        return self.conv(F.pad(y, (1, 1), mode="reflect") if self.order == "bn_pad_conv" else y)
+
+
+@pytest.mark.parametrize("order", ["conv_bn", "bn_conv", "bn_pad_conv"])
+def test_a_conv_on_unbatched_input_is_kept(order):
+    model = randomize_bn(Unbatched(order))
+    x = torch.randn(4, 4)
+    folded, report = fold_module(model, example_input=x, check=False)
+    assert [(r.status, r.reason_code) for r in report.records] == [("kept", "shape_mismatch")], report.table()
+    assert executed_batch_norms(folded, x) == 1
+    assert float64_error(model, folded, x) < 1e-12
