@@ -354,16 +354,21 @@ class Blocks(nn.Module):
         return self.blocks(self.bn_stem(self.stem(x)))
 
 
+def export_with_functions(model: nn.Module, example: torch.Tensor, block: type) -> onnx.ModelProto:
+    """The TorchScript exporter's file with every ``block`` written as a model-local function."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), buffer, dynamo=False, export_modules_as_functions={block},
+                          opset_version=17, do_constant_folding=False, input_names=["x"], output_names=["y"])
+    return onnx.load_from_string(buffer.getvalue())
+
+
 @pytest.mark.parametrize("bias", [True, False])
 def test_torchscript_export_modules_as_functions_folds_every_block(bias):
     model = randomize_bn(Blocks(bias), seed=1)
     example = torch.randn(2, 3, 8, 8)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), buffer, dynamo=False, export_modules_as_functions={ConvBnBlock},
-                          opset_version=17, do_constant_folding=False, input_names=["x"], output_names=["y"])
-    original = onnx.load_from_string(buffer.getvalue())
+    original = export_with_functions(model, example, ConvBnBlock)
     assert [f.name for f in original.functions] == ["ConvBnBlock"] and bn_count(original.functions[0]) == 1
     folded, report = fold_onnx(original)
     assert sum(bn_count(f) for f in folded.functions) + bn_count(folded.graph) == 0
@@ -392,12 +397,7 @@ class ConvBnReluModuleBlock(nn.Module):
 def test_module_paths_come_from_the_bound_tensors_when_the_call_is_named_after_a_child():
     model = randomize_bn(nn.Sequential(*(ConvBnReluModuleBlock(4) for _ in range(2))), seed=2)
     example = torch.randn(1, 4, 6, 6)
-    buffer = io.BytesIO()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), buffer, dynamo=False, export_modules_as_functions={ConvBnReluModuleBlock},
-                          opset_version=17, do_constant_folding=False, input_names=["x"], output_names=["y"])
-    original = onnx.load_from_string(buffer.getvalue())
+    original = export_with_functions(model, example, ConvBnReluModuleBlock)
     assert all(node.name.endswith("/relu/ConvBnReluModuleBlock") for node in original.graph.node)
     folded, report = fold_onnx(original)
     assert [(r.module, r.folded_into_module) for r in report.records] == [(f"{k}.bn", f"{k}.conv") for k in range(2)]
