@@ -142,3 +142,35 @@ class CountBatchNorm(TorchFunctionMode):
         if func in (F.batch_norm, torch.batch_norm):
             self.calls += 1
         return func(*args, **(kwargs or {}))
+
+
+# a block people write: YOLOv5's CSP bottleneck normalises the concatenation of two bias-less convs
+
+class Bottleneck(nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.cv1 = nn.Sequential(nn.Conv2d(channels, channels, 1, bias=False), nn.BatchNorm2d(channels), nn.SiLU())
+        self.cv2 = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1, bias=False), nn.BatchNorm2d(channels),
+                                 nn.SiLU())
+
+    def forward(self, x):
+        return x + self.cv2(self.cv1(x))
+
+
+class BottleneckCSP(nn.Module):
+    """y1 = cv3(m(cv1(x))), y2 = cv2(x), then cv4(act(bn(cat(y1, y2)))): the BN after the cat is the one to split."""
+
+    def __init__(self, c1: int = 4, c2: int = 6, hidden: int = 3):
+        super().__init__()
+        self.cv1 = nn.Sequential(nn.Conv2d(c1, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.SiLU())
+        self.cv2 = nn.Conv2d(c1, hidden, 1, bias=False)
+        self.cv3 = nn.Conv2d(hidden, hidden, 1, bias=False)
+        self.cv4 = nn.Sequential(nn.Conv2d(2 * hidden, c2, 1, bias=False), nn.BatchNorm2d(c2), nn.SiLU())
+        self.bn = nn.BatchNorm2d(2 * hidden)
+        self.act = nn.LeakyReLU(0.1)
+        self.m = nn.Sequential(Bottleneck(hidden))
+
+    def forward(self, x):
+        y1 = self.cv3(self.m(self.cv1(x)))
+        y2 = self.cv2(x)
+        return self.cv4(self.act(self.bn(torch.cat((y1, y2), dim=1))))

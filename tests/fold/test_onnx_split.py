@@ -17,7 +17,7 @@ from torch import nn
 from bnexport.export.onnx_info import describe_onnx
 from bnexport.fold import fold_onnx
 from bnexport.fold.onnx_patterns import ABSORBED_PREFIX
-from fold.models import EXPORTERS, bn_initializers, bn_node, count_bn_nodes, ort_run, randomize_bn, relative_error
+from fold.models import EXPORTERS, BottleneckCSP, bn_initializers, bn_node, count_bn_nodes, ort_run, randomize_bn, relative_error
 
 IN_CHANNELS, SIZE, BATCH, FEATURES = 3, 6, 2, 4
 CONV_KINDS = ["conv", "conv_nobias", "convT", "conv_add"]
@@ -370,3 +370,18 @@ def test_a_concat_of_quantized_layers_is_kept_and_says_so():
     assert count_bn_nodes(folded) == 1 and folded == model
     assert report.kept[0].reason_code == "not_constant"
     assert "'conv0' is dequantized (DequantizeLinear)" in report.kept[0].reason  # not "the weight is not a constant"
+
+
+@pytest.mark.parametrize("exporter", EXPORTER_NAMES)
+def test_an_exported_yolov5_csp_bottleneck_folds_every_bn(exporter):
+    model = randomize_bn(BottleneckCSP())
+    original = EXPORTERS[exporter](model, torch.zeros(1, 4, 8, 8))
+    assert count_bn_nodes(original) == 5
+    folded, report = fold_onnx(original, check=False)
+    assert count_bn_nodes(folded) == 0, report.table()
+    [record] = [r for r in report.records if r.module == "bn"]
+    assert (record.split_over_modules, record.through) == (["cv3", "cv2"], "Concat")
+    x = np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32)
+    assert relative_error(ort_run(original, x), ort_run(folded, x)) < 1e-5
+    with torch.no_grad():
+        assert relative_error(model(torch.from_numpy(x)).numpy(), ort_run(folded, x)) < 1e-5

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bnexport.fold import REASON_CODES, fold_module
-from fold.models import CountBatchNorm, randomize_bn, relative_error
+from fold.models import BottleneckCSP, CountBatchNorm, randomize_bn, relative_error
 
 BN_FOR_RANK = {2: nn.BatchNorm1d, 3: nn.BatchNorm1d, 4: nn.BatchNorm2d, 5: nn.BatchNorm3d}
 
@@ -505,3 +505,13 @@ def test_a_conv_on_unbatched_input_is_kept(order):
     assert [(r.status, r.reason_code) for r in report.records] == [("kept", "shape_mismatch")], report.table()
     assert executed_batch_norms(folded, x) == 1
     assert float64_error(model, folded, x) < 1e-12
+
+
+# a block people write: YOLOv5's CSP bottleneck normalises the concatenation of two bias-less convs ------
+
+def test_yolov5_csp_bottleneck_folds_every_bn():
+    model = randomize_bn(BottleneckCSP())
+    x = torch.randn(2, 4, 8, 8)
+    _, report = assert_folds_exactly(model, x, bns=5)
+    record = next(r for r in report.records if r.module == "bn")
+    assert (record.split_over, record.through) == (["cv3", "cv2"], "Concat")
