@@ -223,7 +223,7 @@ class GraphIndex:
     def replace_input(self, node: onnx.NodeProto, position: int, new_name: str) -> None:
         old = node.input[position] if position < len(node.input) else ""
         if old:
-            _remove_by_identity(self.readers.get(old, []), node)
+            remove_by_identity(self.readers.get(old, []), node)
         while len(node.input) <= position:
             node.input.append("")
         node.input[position] = new_name
@@ -399,7 +399,7 @@ def opset_version(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ONNX_DOMAINS), 1)
 
 
-def _remove_by_identity(nodes: list[onnx.NodeProto], node: onnx.NodeProto) -> None:
+def remove_by_identity(nodes: list[onnx.NodeProto], node: onnx.NodeProto) -> None:
     for position, candidate in enumerate(nodes):
         if candidate is node:
             del nodes[position]

@@ -48,7 +48,8 @@ from ..errors import BnexportError, first_line
 from .maths import (bn_scale_shift, fold_into_input_channels, fold_into_output_channels, fold_into_transposed_conv,
                     invalid_statistics)
 from .onnx_graph import (CONSTANT_OPS, ONNX_DOMAINS, GraphIndex, all_names, attribute, copy_without_initializers,
-                         defined_names, graph_reads, implicit_inputs, node_label, opset_version, set_attribute, subgraphs)
+                         defined_names, graph_reads, implicit_inputs, node_label, opset_version, remove_by_identity,
+                         set_attribute, subgraphs)
 from .fold_report import FOLDED, KEPT, FoldRecord, FoldReport
 from .onnx_names import ModuleNamer
 from .onnx_functions import fold_functions, functions_hold_batchnorm
@@ -239,7 +240,7 @@ class GraphFolder:
             index.producer.pop(bn.output[0], None)
         for name in bn.input:
             if name:
-                _remove_by_identity(index.readers.get(name, []), bn)
+                remove_by_identity(index.readers.get(name, []), bn)
         _note(absorbed_by, f"{ABSORBED_PREFIX} '{node_label(bn)}'" + (" (through a Pad)" if through is not None else ""))
         self.removed[id(bn)] = bn
 
@@ -746,13 +747,6 @@ def _overwrite(tensor: onnx.TensorProto, name: str, array: np.ndarray) -> None:
     tensor.data_type = helper.np_dtype_to_tensor_dtype(array.dtype)
     tensor.dims.extend(array.shape)
     tensor.raw_data = (array if np.little_endian else array.byteswap()).tobytes()  # arrays here are in native order
-
-
-def _remove_by_identity(nodes: list[onnx.NodeProto], node: onnx.NodeProto) -> None:
-    for position, candidate in enumerate(nodes):
-        if candidate is node:
-            del nodes[position]
-            return
 
 
 def _delete_where(repeated, drop) -> None:

@@ -48,7 +48,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from .onnx_graph import ONNX_DOMAINS, attribute, node_label, set_attribute
+from .onnx_graph import ONNX_DOMAINS, attribute, node_label, remove_by_identity, set_attribute
 from .onnx_patterns import ABSORBED_PREFIX, FOLDABLE_DTYPES, Absorbed, GraphFolder, Kept, _note, _work_dtype
 from .onnx_quantized import quantized_weight
 
@@ -232,22 +232,15 @@ def _bn_becomes_shift(folder: GraphFolder, bn: onnx.NodeProto, layer: onnx.NodeP
     label = node_label(bn)
     for name in bn.input[1:]:
         if name:
-            _remove_by_identity(index.readers.get(name, []), bn)
+            remove_by_identity(index.readers.get(name, []), bn)
     data = bn.input[0]
     del bn.input[:]
     del bn.attribute[:]
     bn.op_type = "Add"
     bn.input.extend([data, ""])
-    bn.name = f"{node_label(layer)}_bias"
+    bn.name = folder.context.fresh_name(f"{node_label(layer)}_bias")
     bn.doc_string = f"bnexport: the shift of BatchNormalization '{label}', whose scale went into '{node_label(layer)}'"
     if folder.context.opset < 7:  # Add-1 and Add-6 broadcast only when told to
         set_attribute(bn, "broadcast", 1)
     folder.store(bn, 1, shift, dtype=dtype)
     _note(layer, f"{ABSORBED_PREFIX} '{label}' (its shift is the Add '{bn.name}')")
-
-
-def _remove_by_identity(nodes: list[onnx.NodeProto], node: onnx.NodeProto) -> None:
-    for position, candidate in enumerate(nodes):
-        if candidate is node:
-            del nodes[position]
-            return

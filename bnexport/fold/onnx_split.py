@@ -99,8 +99,8 @@ def fold_sum_then_bn(folder: GraphFolder, bn: onnx.NodeProto, add: onnx.NodeProt
     for branch in branches:
         if branch.channels != len(scale) or branch.rank != rank:
             return Kept("shape_mismatch",
-                        f"the {add.op_type} adds {_describe(branches)}, so the BN's {len(scale)} channels do not line up "
-                        "with every term (it broadcasts along the channel axis or over different ranks)")
+                        f"the {add.op_type} adds {_channel_summary(branches)}, so the BN's {len(scale)} channels "
+                        "do not line up with every term (it broadcasts along the channel axis or over different ranks)")
     takes_shift = next((i for i, branch in enumerate(branches) if branch.bias is not None or branch.add is not None), 0)
     writes: list[list[Write]] = []
     for i, branch in enumerate(branches):
@@ -275,5 +275,5 @@ def _apply(folder: GraphFolder, bn: onnx.NodeProto, joiner: onnx.NodeProto, bran
         _note(branch.layer, f"{ABSORBED_PREFIX} '{node_label(bn)}' (through a {joiner.op_type})")
 
 
-def _describe(branches: list[Branch]) -> str:
+def _channel_summary(branches: list[Branch]) -> str:
     return ", ".join(f"{branch.channels} channels of rank {branch.rank}" for branch in branches)
